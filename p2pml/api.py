@@ -1,0 +1,211 @@
+"""The HTTP API: thin handlers that parse, check limits, call the node, and answer JSON.
+
+Every kind of bad input has its own status (400 malformed, 404 unknown, 405 method, 413 too large,
+415 wrong content type, 503 overloaded) and a JSON body ``{"error": "..."}`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import msgpack
+from aiohttp import web
+
+from p2pml.gossip import MSGPACK
+from p2pml.model import FEATURES
+from p2pml.service import Node, Overloaded
+from p2pml.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, WireError, unpack_batch
+
+log = logging.getLogger(__name__)
+
+NODE = web.AppKey("node", Node)
+MAX_PREDICT_BYTES = 4096  # a /predict body holds four numbers; anything near this is abuse
+FEATURE_RANGE = (0.0, 100.0)  # centimetres: Iris measurements are all well inside this
+
+
+class BadInput(ValueError):
+    pass
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise BadInput(f"{name} must be a number, got {value[:40]!r}") from None
+    elif type(value) not in (int, float):
+        raise BadInput(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise BadInput(f"{name} must be finite, got {value}")
+    lo, hi = FEATURE_RANGE
+    if not lo <= value <= hi:
+        raise BadInput(f"{name} must be between {lo:g} and {hi:g} (centimetres), got {value:g}")
+    return value
+
+
+def parse_features(fields: dict, source: str) -> tuple[float, ...]:
+    """Either ``features`` (a list, or a comma-separated string) or the four named fields."""
+    unknown = sorted(set(fields) - set(FEATURES) - {"features"})
+    if unknown:
+        raise BadInput(f"unknown {source} {unknown[0]!r}; expected 'features' or "
+                       f"{', '.join(FEATURES)}")
+    if "features" in fields:
+        if set(fields) & set(FEATURES):
+            raise BadInput("give either 'features' or the four named features, not both")
+        raw = fields["features"]
+        if isinstance(raw, str):
+            raw = [x for x in raw.split(",")] if raw.strip() else []
+        if not isinstance(raw, list):
+            raise BadInput("'features' must be a list of 4 numbers")
+        if len(raw) != len(FEATURES):
+            raise BadInput(f"'features' has {len(raw)} values, but the model expects "
+                           f"{len(FEATURES)}: {', '.join(FEATURES)}")
+        return tuple(_number(f"feature {i + 1} ({n})", x) for i, (x, n) in enumerate(zip(raw, FEATURES)))
+    missing = [n for n in FEATURES if n not in fields]
+    if missing:
+        raise BadInput(f"missing {source}(s): {', '.join(missing)}")
+    return tuple(_number(n, fields[n]) for n in FEATURES)
+
+
+async def predict_get(request: web.Request) -> web.Response:
+    fields = {}
+    for k, v in request.query.items():
+        if k in fields:
+            raise BadInput(f"parameter {k!r} is given more than once")
+        fields[k] = v
+    return await _predict(request, parse_features(fields, "parameter"))
+
+
+async def predict_post(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text=f"POST /predict takes application/json, not {request.content_type!r}")
+    if (request.content_length or 0) > MAX_PREDICT_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_PREDICT_BYTES, request.content_length)
+    body = await request.read()
+    if len(body) > MAX_PREDICT_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_PREDICT_BYTES, len(body))
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadInput('body must be a JSON object like {"features": [5.1, 3.5, 1.4, 0.2]}')
+    return await _predict(request, parse_features(doc, "field"))
+
+
+async def _predict(request: web.Request, row: tuple[float, ...]) -> web.Response:
+    try:
+        result = await request.app[NODE].predict(row)
+    except Overloaded as exc:
+        raise web.HTTPServiceUnavailable(text=f"overloaded: {exc}", headers={"Retry-After": "1"})
+    if result["prediction"] is None:
+        raise web.HTTPServiceUnavailable(text="no vote arrived in time; retry",
+                                         headers={"Retry-After": "1"})
+    return web.json_response(result)
+
+
+async def ledger(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE].ledger_view())
+
+
+async def health(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return web.json_response({"status": "ok", "peer": node.id, "name": node.me.name,
+                              "model": node.me.model, "behavior": node.model.behavior,
+                              "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable())})
+
+
+async def _msgpack_body(request: web.Request):
+    if request.content_type != MSGPACK:
+        raise web.HTTPUnsupportedMediaType(text=f"{request.path} takes {MSGPACK}, not {request.content_type!r}")
+    return await request.read()  # bounded by the app's client_max_size (413 beyond)
+
+
+async def gossip(request: web.Request) -> web.Response:
+    data = await _msgpack_body(request)
+    try:
+        envs = unpack_batch(data)
+    except WireError as exc:
+        raise BadInput(str(exc)) from None
+    result = await request.app[NODE].ingest(envs, request.remote or "?")
+    return web.json_response(result)
+
+
+async def sync(request: web.Request) -> web.Response:
+    data = await _msgpack_body(request)
+    node = request.app[NODE]
+    try:
+        theirs = msgpack.unpackb(data, max_array_len=256, max_map_len=0, max_str_len=0,
+                                 max_bin_len=32, max_ext_len=0)
+        answer = node.gossip.answer_sync(theirs)
+    except Exception as exc:
+        raise BadInput(f"/sync takes a msgpack digest: {exc}") from None
+    return web.Response(body=answer, content_type=MSGPACK)
+
+
+async def fetch(request: web.Request) -> web.Response:
+    data = await _msgpack_body(request)
+    try:
+        ids = msgpack.unpackb(data, max_array_len=MAX_BATCH_MESSAGES, max_map_len=0,
+                              max_str_len=0, max_bin_len=32, max_ext_len=0)
+        answer = request.app[NODE].gossip.answer_fetch(ids)
+    except Exception as exc:
+        raise BadInput(f"/fetch takes a msgpack list of message ids: {exc}") from None
+    return web.Response(body=answer, content_type=MSGPACK)
+
+
+async def message(request: web.Request) -> web.Response:
+    text = request.match_info["id"]
+    try:
+        mid = bytes.fromhex(text)
+    except ValueError:
+        mid = b""
+    if len(mid) != 32:
+        raise BadInput("a message id is 64 hex digits")
+    found = request.app[NODE].message(mid)
+    if found is None:
+        raise web.HTTPNotFound(text=f"no message {text}")
+    return web.json_response(found)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Every error leaves as JSON naming the problem; nothing a client sends can cause a 500."""
+    try:
+        return await handler(request)
+    except BadInput as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        text = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return web.json_response({"error": text}, status=exc.status, headers={
+            k: v for k, v in exc.headers.items() if k in ("Retry-After", "Allow")})
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response({"error": "internal error"}, status=500)
+
+
+def make_app(node: Node) -> web.Application:
+    app = web.Application(client_max_size=MAX_BATCH_BYTES, middlewares=[json_errors])
+    app[NODE] = node
+
+    async def lifecycle(app: web.Application):
+        await node.start()
+        yield
+        await node.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/predict", predict_get)
+    app.router.add_post("/predict", predict_post)
+    app.router.add_get("/ledger", ledger)
+    app.router.add_get("/health", health)
+    app.router.add_post("/gossip", gossip)
+    app.router.add_post("/sync", sync)
+    app.router.add_post("/fetch", fetch)
+    app.router.add_get("/message/{id}", message)
+    return app

@@ -1,0 +1,262 @@
+"""Moving messages between peers: coalesced push, and anti-entropy that repairs what push missed.
+
+Push: each peer has an outbox and one sender task; whatever queues while a POST is in flight
+goes out in the next POST, so batching grows with load by itself and a slow peer never holds up
+the others. A peer that does not answer is marked down and skipped (its outbox dropped) until a
+reconciliation with it succeeds again; nothing it missed is lost, because anti-entropy brings it.
+
+Anti-entropy: every interval a node sends one peer a digest of what it holds (256 buckets by the
+first byte of the message id, each a count and the XOR of the ids, kept up to date in O(1) per
+message). The peer answers with its ids in the buckets that differ; the node fetches the ids it
+lacks and pushes the ones the peer lacks. Converges with no clock and no coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import msgpack
+
+from p2pml.config import PeerConfig
+from p2pml.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, WireError, pack, pack_batch, unpack_batch
+
+log = logging.getLogger(__name__)
+
+MSGPACK = "application/msgpack"
+BUCKETS = 256
+MAX_SYNC_BUCKETS = 64  # buckets answered per /sync: bounds one answer to ~64 x ids-per-bucket
+MAX_SYNC_IDS = 32 * 1024  # ids per /sync answer (1 MiB of ids)
+MAX_RESPONSE_BYTES = 2 * MAX_BATCH_BYTES  # the most this node reads of any peer's answer
+MAX_OUTBOX = 8 * MAX_BATCH_MESSAGES  # envelopes queued for one peer; older ones are dropped
+FETCHES_PER_SYNC = 8  # fetch requests one reconciliation may make (catch-up speed vs fairness)
+BACKOFF_BASE_S = 0.25
+BACKOFF_MAX_S = 5.0
+
+
+class Holdings:
+    """The envelopes a node holds, by message id, with the bucket digest anti-entropy compares."""
+
+    def __init__(self):
+        self.raw: dict[bytes, bytes] = {}
+        self._count = [0] * BUCKETS
+        self._xor = [0] * BUCKETS
+        self._ids: list[list[bytes]] = [[] for _ in range(BUCKETS)]
+
+    def __contains__(self, mid: bytes) -> bool:
+        return mid in self.raw
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def add(self, mid: bytes, raw: bytes) -> None:
+        if mid in self.raw:
+            return
+        self.raw[mid] = raw
+        b = mid[0]
+        self._count[b] += 1
+        self._xor[b] ^= int.from_bytes(mid, "big")
+        self._ids[b].append(mid)
+
+    def summary(self) -> list:
+        return [[c, x.to_bytes(32, "big")] for c, x in zip(self._count, self._xor)]
+
+    def differing(self, theirs) -> list[int]:
+        """Buckets whose digest differs from ``theirs``; raises ValueError if it is malformed."""
+        if type(theirs) is not list or len(theirs) != BUCKETS:
+            raise ValueError(f"a digest is a list of {BUCKETS} [count, xor] pairs")
+        out = []
+        for b, entry in enumerate(theirs):
+            if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not int \
+                    or type(entry[1]) is not bytes or len(entry[1]) != 32:
+                raise ValueError(f"digest bucket {b} is not [count, 32-byte xor]")
+            if entry[0] != self._count[b] or int.from_bytes(entry[1], "big") != self._xor[b]:
+                out.append(b)
+        return out
+
+    def ids_in(self, buckets: list[int]) -> list[bytes]:
+        out: list[bytes] = []
+        for b in buckets:
+            out.extend(self._ids[b])
+        return out
+
+
+class Link:
+    """What this node knows of one peer's reachability, and what it still has to send it."""
+
+    def __init__(self, cfg: PeerConfig):
+        self.cfg = cfg
+        self.outbox: list[bytes] = []
+        self.wake = asyncio.Event()
+        self.up = True
+        self.failures = 0
+        self.retry_at = 0.0
+        self.dropped = 0
+
+
+Ingest = Callable[[list, str], Awaitable[object]]
+
+
+class Gossip:
+    def __init__(self, peers: list[PeerConfig], holdings: Holdings, ingest: Ingest,
+                 request_timeout_ms: int, interval_ms: int):
+        self.links = {p.name: Link(p) for p in peers}
+        self.holdings = holdings
+        self._ingest = ingest
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_ms / 1000,
+                                              sock_connect=min(1.0, request_timeout_ms / 1000))
+        self._interval = interval_ms / 1000
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=self._timeout,
+                                              connector=aiohttp.TCPConnector(limit_per_host=4))
+        for link in self.links.values():
+            self._tasks.append(asyncio.create_task(self._sender(link), name=f"push-{link.cfg.name}"))
+        self._tasks.append(asyncio.create_task(self._anti_entropy(), name="anti-entropy"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    def reachable(self) -> set[str]:
+        return {name for name, link in self.links.items() if link.up}
+
+    def broadcast(self, raws: list[bytes]) -> None:
+        for link in self.links.values():
+            if link.up:
+                self._enqueue(link, raws)
+
+    def _enqueue(self, link: Link, raws: list[bytes]) -> None:
+        link.outbox.extend(raws)
+        excess = len(link.outbox) - MAX_OUTBOX
+        if excess > 0:
+            del link.outbox[:excess]
+            link.dropped += excess
+        link.wake.set()
+
+    # -- transport ------------------------------------------------------------------------------
+
+    def _mark(self, link: Link, ok: bool) -> None:
+        if ok:
+            if not link.up:
+                log.info("peer %s is reachable again", link.cfg.name)
+            link.up, link.failures = True, 0
+            return
+        if link.up:
+            log.info("peer %s is unreachable; skipping it until it answers", link.cfg.name)
+        link.up = False
+        link.outbox.clear()
+        link.failures += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(link.failures, 10))
+        link.retry_at = asyncio.get_running_loop().time() + delay
+
+    async def _post(self, link: Link, path: str, data: bytes) -> bytes | None:
+        """POST and read a bounded answer; None (and the peer marked down) if it fails."""
+        try:
+            async with self._session.post(link.cfg.url + path, data=data,
+                                          headers={"Content-Type": MSGPACK}) as resp:
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise ValueError(f"answer over {MAX_RESPONSE_BYTES} bytes")
+                if resp.status != 200:
+                    log.debug("peer %s answered %s to %s: %.200s", link.cfg.name, resp.status,
+                              path, bytes(body))
+                    self._mark(link, True)
+                    return None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            log.debug("peer %s failed %s: %r", link.cfg.name, path, exc)
+            self._mark(link, False)
+            return None
+        self._mark(link, True)
+        return bytes(body)
+
+    async def _sender(self, link: Link) -> None:
+        while True:
+            await link.wake.wait()
+            link.wake.clear()
+            while link.outbox and link.up:
+                batch = link.outbox[:MAX_BATCH_MESSAGES]
+                del link.outbox[: len(batch)]
+                await self._post(link, "/gossip", pack_batch(batch))
+
+    # -- anti-entropy ---------------------------------------------------------------------------
+
+    async def _anti_entropy(self) -> None:
+        names = sorted(self.links)
+        turn = 0
+        while True:
+            await asyncio.sleep(self._interval)
+            now = asyncio.get_running_loop().time()
+            for _ in range(len(names)):
+                link = self.links[names[turn % len(names)]]
+                turn += 1
+                if link.up or now >= link.retry_at:
+                    try:
+                        await self.reconcile(link)
+                    except Exception:  # one bad exchange must not end anti-entropy
+                        log.exception("reconciliation with %s failed", link.cfg.name)
+                    break
+
+    async def reconcile(self, link: Link) -> None:
+        answer = await self._post(link, "/sync", pack(self.holdings.summary()))
+        if answer is None:
+            return
+        try:
+            buckets, theirs = msgpack.unpackb(answer, max_bin_len=64, max_map_len=0,
+                                              max_array_len=MAX_SYNC_IDS, max_str_len=0)
+            if type(buckets) is not list or type(theirs) is not list:
+                raise ValueError("expected [buckets, ids]")
+        except Exception as exc:
+            log.debug("peer %s sent a bad /sync answer: %r", link.cfg.name, exc)
+            return
+        their_ids = {i for i in theirs if type(i) is bytes}
+        missing = [i for i in their_ids if i not in self.holdings]
+        for k in range(0, min(len(missing), FETCHES_PER_SYNC * MAX_BATCH_MESSAGES),
+                       MAX_BATCH_MESSAGES):
+            batch = await self._post(link, "/fetch", pack(missing[k : k + MAX_BATCH_MESSAGES]))
+            if batch is None:
+                return
+            await self._ingest_batch(batch, link.cfg.name)
+        valid = [b for b in buckets if type(b) is int and 0 <= b < BUCKETS]
+        extra = [self.holdings.raw[i] for i in self.holdings.ids_in(valid) if i not in their_ids]
+        if extra:
+            self._enqueue(link, extra[:MAX_OUTBOX])
+
+    async def _ingest_batch(self, data: bytes, source: str) -> None:
+        try:
+            envs = unpack_batch(data)
+        except WireError as exc:
+            log.debug("peer %s sent a bad /fetch answer: %s", source, exc)
+            return
+        await self._ingest(envs, source)
+
+    # -- the serving side of anti-entropy -------------------------------------------------------
+
+    def answer_sync(self, theirs) -> bytes:
+        """The ids this node holds in the buckets where ``theirs`` differs (bounded)."""
+        buckets = self.holdings.differing(theirs)[:MAX_SYNC_BUCKETS]
+        ids: list[bytes] = []
+        answered = []
+        for b in buckets:
+            more = self.holdings.ids_in([b])
+            if ids and len(ids) + len(more) > MAX_SYNC_IDS:
+                break
+            ids.extend(more[:MAX_SYNC_IDS])
+            answered.append(b)
+        return pack([answered, ids])
+
+    def answer_fetch(self, ids) -> bytes:
+        if type(ids) is not list or len(ids) > MAX_BATCH_MESSAGES:
+            raise ValueError(f"/fetch takes a list of at most {MAX_BATCH_MESSAGES} message ids")
+        raws = [self.holdings.raw[i] for i in ids if type(i) is bytes and i in self.holdings.raw]
+        return pack_batch(raws)

@@ -1,0 +1,86 @@
+"""The peer's own model: scikit-learn classifiers trained on Iris, and the voting behaviours.
+
+Training uses the dataset that ships inside scikit-learn (no download) and a fixed split, so
+every run of every peer sees the same training rows and ``held_out()`` rows are never trained on.
+Behaviours other than ``honest`` exist so that slashing can be seen and tested; their "random"
+choice is a hash of the key and the round, so a restarted node votes exactly as before and never
+equivocates by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.datasets import load_iris
+from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from p2pml.ledger import CLASSES, PROBA_ONE
+
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+BEHAVIORS = ("honest", "random", "constant")
+CONSTANT_LABEL = 0  # what the "constant" behaviour always votes
+SPLIT_SEED = 0  # held-out accuracy varies with the split: see docs/ledger.md
+TEST_FRACTION = 0.3
+
+
+def build(kind: str):
+    """A fresh, unfitted estimator of one of config.MODEL_KINDS."""
+    if kind == "logistic_regression":
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    if kind == "random_forest":
+        return RandomForestClassifier(n_estimators=100, random_state=0)
+    if kind == "gradient_boosting":
+        return GradientBoostingClassifier(random_state=0)
+    if kind == "knn":
+        return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=7))
+    if kind == "svm":
+        return make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(), ensemble=False))
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def _split():
+    data = load_iris()
+    return train_test_split(data.data, data.target, test_size=TEST_FRACTION,
+                            random_state=SPLIT_SEED, stratify=data.target)
+
+
+def held_out() -> tuple[np.ndarray, np.ndarray]:
+    """Iris rows no peer trained on, with their true labels."""
+    _, x_test, _, y_test = _split()
+    return x_test, y_test
+
+
+class Model:
+    """One peer's voter: ``vote(rows, rounds)`` gives ``(label, probabilities in millionths)``."""
+
+    def __init__(self, kind: str, behavior: str = "honest", key: bytes = b""):
+        if behavior not in BEHAVIORS:
+            raise ValueError(f"unknown behavior {behavior!r}; choose one of {', '.join(BEHAVIORS)}")
+        self.kind = kind
+        self.behavior = behavior
+        self._key = key
+        x_train, _, y_train, _ = _split()
+        self.estimator = build(kind).fit(x_train, y_train)
+
+    def vote(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]]:
+        if self.behavior == "honest":
+            proba = self.estimator.predict_proba(rows)
+            labels = proba.argmax(axis=1)
+            ppm = np.rint(proba * PROBA_ONE).astype(np.int64).clip(0, PROBA_ONE)
+            return [(int(lab), tuple(int(p) for p in row)) for lab, row in zip(labels, ppm)]
+        out = []
+        for rid in rounds:
+            if self.behavior == "random":
+                label = hashlib.sha256(self._key + rid).digest()[0] % len(CLASSES)
+            else:
+                label = CONSTANT_LABEL
+            out.append((label, tuple(PROBA_ONE if c == label else 0 for c in range(len(CLASSES)))))
+        return out

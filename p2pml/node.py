@@ -1,0 +1,65 @@
+"""Command line: ``python -m p2pml.node --port 8001 --peers peers.toml`` runs one peer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aiohttp import web
+
+from p2pml.api import make_app
+from p2pml.config import ConfigError, load
+from p2pml.model import BEHAVIORS
+from p2pml.service import Node
+from p2pml.store import DataDir, StoreError, default_data_dir
+
+log = logging.getLogger("p2pml.node")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m p2pml.node", description=__doc__)
+    ap.add_argument("--port", type=int, required=True,
+                    help="this peer's port; selects its entry in the peers file")
+    ap.add_argument("--peers", default="peers.toml", help="the network file (default: peers.toml)")
+    ap.add_argument("--data-dir", help="where the key, message log and ledger live "
+                    "(default: $XDG_DATA_HOME/p2pml/peer-PORT, i.e. ~/.local/share/p2pml/peer-PORT)")
+    ap.add_argument("--behavior", default="honest", choices=BEHAVIORS,
+                    help="how this peer votes; anything but honest is for tests and demos")
+    ap.add_argument("--host", help="address to bind (default: the peer's host in the peers file)")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument("--show-key", action="store_true",
+                    help="print this peer's public key (to pin it in the peers file) and exit")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    prog = "p2pml.node"
+    try:
+        net = load(args.peers)
+        me = net.peer_by_port(args.port)
+        data = DataDir(args.data_dir or default_data_dir(args.port))
+        node = Node(net, me, data, args.behavior)
+    except (ConfigError, StoreError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.show_key:
+        print(node.identity.key.hex())
+        data.close()
+        return 0
+    host = args.host or me.host
+    log.info("peer %s (%s, id %s, %s) on http://%s:%d, data in %s", me.name, me.model, node.id,
+             args.behavior, host, me.port, data.path)
+    try:
+        web.run_app(make_app(node), host=host, port=me.port, access_log=None, print=None,
+                    shutdown_timeout=2)
+    except OSError as exc:
+        print(f"{prog}: error: cannot listen on {host}:{me.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""One peer: takes queries, votes on rounds, holds messages, and keeps its ledger.
+
+Every state change, this node's own included, enters through ``_hold`` as a signed message:
+checked, appended to the log, folded into the ledger. Queries and votes are batched: whatever
+queued while the previous batch was being signed, predicted and committed goes into the next
+one, so one signature, one model call and one gossip POST serve many queries under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import msgpack
+import numpy as np
+
+from p2pml.config import NetworkConfig, PeerConfig
+from p2pml.gossip import Gossip, Holdings
+from p2pml.ledger import (
+    CLASSES, DEPOSIT, Ledger, Message, Query, Register, Vote, Votes, is_active, peer_id, round_id,
+)
+from p2pml.model import Model
+from p2pml.store import DataDir
+from p2pml.wire import MAX_ITEMS, Identity, Signed, Verifier, WireError
+
+log = logging.getLogger(__name__)
+
+LEDGER_WRITE_INTERVAL_S = 1.0  # ledger.json is a view: rewritten at most this often
+MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
+
+
+class Overloaded(RuntimeError):
+    """Too many queries are waiting; the client should retry later."""
+
+
+class Node:
+    def __init__(self, net: NetworkConfig, me: PeerConfig, data: DataDir, behavior: str = "honest"):
+        self.net, self.me, self.data = net, me, data
+        self.genesis = net.genesis()
+        self.genesis_id = self.genesis.id()
+        seed = data.load_or_create_seed(lambda: Identity.generate().seed())
+        self.identity = Identity.from_seed(seed)
+        self.id = peer_id(self.identity.key)
+        self.ledger = Ledger(self.genesis)
+        self.verifier = Verifier(self.genesis_id)
+        self.holdings = Holdings()
+        self.model = Model(me.model, behavior, self.identity.key)
+        self.gossip = Gossip([p for p in net.peers if p.name != me.name], self.holdings,
+                             self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._lamport = 0
+        self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
+        self._query_wake = asyncio.Event()
+        self._to_vote: list[tuple[bytes, tuple[float, ...]]] = []
+        self._vote_wake = asyncio.Event()
+        self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._written_root = ""
+        self.rejected = 0
+        self._load()
+
+    # -- start-up and shutdown ------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Rebuild everything from the log; then make sure this node is registered."""
+        records = self.data.read_log()
+        for raw in records:
+            try:
+                signed = self.verifier.open(raw)
+            except WireError as exc:  # a record that passed its CRC but not verification
+                log.warning("log record ignored: %s", exc)
+                continue
+            self._hold(signed, log_it=False)
+        log.info("loaded %d messages from %s; ledger root %s", len(records), self.data.path,
+                 self.ledger.root()[:16])
+        if not any(isinstance(m.body, Register) and m.author == self.identity.key
+                   for m in self.ledger.messages.values()):
+            self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
+            self.data.commit_now()
+
+    async def start(self) -> None:
+        await self.gossip.start()
+        self._tasks += [
+            asyncio.create_task(self._query_loop(), name="queries"),
+            asyncio.create_task(self._vote_loop(), name="votes"),
+            asyncio.create_task(self._ledger_writer(), name="ledger-writer"),
+        ]
+        own = [raw for mid, raw in self.holdings.raw.items()
+               if self.ledger.messages[mid].author == self.identity.key]
+        self.gossip.broadcast(own)  # announce ourselves (and anything we signed while away)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.gossip.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.data.commit_now()
+        self._write_ledger()
+        self.data.close()
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def _hold(self, signed: Signed, log_it: bool = True) -> str | None:
+        """Accept a verified message: ledger, holdings, log. Returns a rejection reason or None."""
+        msg = signed.msg
+        reason = self.ledger.add(msg)
+        if reason:
+            return reason
+        self.holdings.add(msg.id, signed.raw)
+        if log_it:
+            self.data.append([signed.raw])
+        body = msg.body
+        if isinstance(body, Query):
+            self._to_vote.extend((round_id(msg.id, i), row) for i, row in enumerate(body.items))
+            self._vote_wake.set()
+        elif isinstance(body, Votes):
+            for vote in body.votes:
+                waiter = self._waiters.get(vote.round)
+                if waiter and waiter[0] <= self.ledger.voters(vote.round):
+                    waiter[1].set()
+        return None
+
+    async def ingest(self, envs: list, source: str) -> dict:
+        """Verify and hold a batch of decoded envelopes from a peer; durable before returning."""
+        accepted = duplicate = rejected = 0
+        errors: list[str] = []
+        for env in envs:
+            try:
+                signed = self.verifier.open_fields(env, is_known=self.holdings.__contains__)
+            except WireError as exc:
+                reason = str(exc)
+            else:
+                if signed is None:
+                    duplicate += 1
+                    continue
+                reason = self._hold(signed)
+                if reason is None:
+                    accepted += 1
+                    continue
+            rejected += 1
+            if len(errors) < 8:
+                errors.append(reason)
+        if rejected:
+            self.rejected += rejected
+            log.debug("from %s: rejected %d of %d: %s", source, rejected, len(envs), errors)
+        await self.data.commit()
+        return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
+
+    # -- own messages ---------------------------------------------------------------------------
+
+    def _next_lamport(self) -> int:
+        self._lamport = max(self._lamport, self.ledger.lamport) + 1
+        return self._lamport
+
+    async def _publish(self, signed: Signed) -> None:
+        """Hold, make durable, then send: nothing this node signed is sent before it is on disk."""
+        reason = self._hold(signed)
+        if reason:  # pragma: no cover - our own messages are built valid
+            raise RuntimeError(f"own message rejected: {reason}")
+        await self.data.commit()
+        self.gossip.broadcast([signed.raw])
+
+    async def _query_loop(self) -> None:
+        while True:
+            await self._query_wake.wait()
+            self._query_wake.clear()
+            if self.net.batch_window_ms:
+                await asyncio.sleep(self.net.batch_window_ms / 1000)
+            while self._queries:
+                batch = self._queries[:MAX_ITEMS]
+                del self._queries[:MAX_ITEMS]
+                signed = self.identity.sign(
+                    self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
+                await self._publish(signed)
+                for i, (_, fut) in enumerate(batch):
+                    if not fut.done():
+                        fut.set_result(round_id(signed.msg.id, i))
+
+    async def _vote_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._vote_wake.wait()
+            self._vote_wake.clear()
+            while self._to_vote:
+                batch = self._to_vote[:MAX_ITEMS]
+                del self._to_vote[:MAX_ITEMS]
+                me = self.identity.key
+                batch = [(rid, row) for rid, row in batch if me not in self.ledger.voters(rid)]
+                if not batch:
+                    continue
+                rounds = [rid for rid, _ in batch]
+                rows = np.array([row for _, row in batch], dtype=np.float64)
+                results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
+                votes = tuple(Vote(rid, label, proba) for rid, (label, proba) in zip(rounds, results))
+                await self._publish(self.identity.sign(self.genesis_id, Votes(self._next_lamport(), votes)))
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def expected_voters(self) -> frozenset[bytes]:
+        """Active members this node can reach: the votes worth waiting for."""
+        reachable = self.gossip.reachable() | {self.me.name}
+        return frozenset(p.key for p in self.ledger.state.peers.values()
+                         if is_active(p) and p.name in reachable)
+
+    async def predict(self, row: tuple[float, ...]) -> dict:
+        """Open a round for ``row``, wait for the votes (or the timeout), answer the consensus."""
+        if len(self._queries) >= MAX_QUEUED_QUERIES:
+            raise Overloaded(f"{len(self._queries)} queries already waiting")
+        fut = asyncio.get_running_loop().create_future()
+        self._queries.append((row, fut))
+        self._query_wake.set()
+        rid = await fut
+        expected = self.expected_voters()
+        event = asyncio.Event()
+        self._waiters[rid] = (expected, event)
+        try:
+            if not expected <= self.ledger.voters(rid):
+                try:
+                    await asyncio.wait_for(event.wait(), self.net.query_timeout_ms / 1000)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            del self._waiters[rid]
+        return self.answer(rid, expected)
+
+    def answer(self, rid: bytes, expected: frozenset[bytes] = frozenset()) -> dict:
+        outcome = self.ledger.outcome(rid)
+        state = self.ledger.state
+        votes, power_sum, proba_sum = [], 0, [0] * len(CLASSES)
+        for cv in outcome.votes if outcome else ():
+            peer = state.peers[cv.peer]
+            power = cv.stake * cv.weight
+            power_sum += power
+            for c, p in enumerate(cv.proba):
+                proba_sum[c] += power * p
+            votes.append({
+                "peer": cv.peer, "name": peer.name, "model": peer.model,
+                "prediction": CLASSES[cv.label],
+                "weight": cv.weight, "stake": cv.stake,
+                "message": cv.message.hex(), "signature": self.signature_of(cv.message).hex(),
+            })
+        consensus = outcome.consensus if outcome else None
+        probabilities = ({c: round(proba_sum[i] / power_sum / 1e6, 6) for i, c in enumerate(CLASSES)}
+                         if power_sum else None)
+        return {
+            "prediction": CLASSES[consensus] if consensus is not None else None,
+            "probabilities": probabilities,
+            "round": rid.hex(),
+            "complete": bool(expected) and expected <= self.ledger.voters(rid),
+            "votes": votes,
+            "ledger_root": self.ledger.root(),
+            "answered_by": self.id,
+        }
+
+    def signature_of(self, mid: bytes) -> bytes:
+        return msgpack.unpackb(self.holdings.raw[mid])[2]
+
+    def message(self, mid: bytes) -> dict | None:
+        raw = self.holdings.raw.get(mid)
+        if raw is None:
+            return None
+        key, body, sig = msgpack.unpackb(raw)
+        msg: Message = self.ledger.messages[mid]
+        return {"id": mid.hex(), "author": peer_id(key), "key": key.hex(), "body": body.hex(),
+                "signature": sig.hex(), "type": type(msg.body).__name__.lower(),
+                "envelope": raw.hex()}
+
+    # -- the ledger view ------------------------------------------------------------------------
+
+    def ledger_view(self) -> dict:
+        state = self.ledger.state
+        view = state.canonical()
+        view["root"] = self.ledger.root()
+        view["genesis"] = self.genesis_id.hex()
+        view["messages"] = len(self.holdings)
+        view["lamport"] = self.ledger.lamport
+        return view
+
+    def _write_ledger(self) -> None:
+        view = self.ledger_view()
+        self.data.write_ledger(view)
+        self._written_root = view["root"]
+
+    async def _ledger_writer(self) -> None:
+        while True:
+            await asyncio.sleep(LEDGER_WRITE_INTERVAL_S)
+            view = self.ledger_view()
+            if view["root"] != self._written_root:
+                await asyncio.to_thread(self.data.write_ledger, view)
+                self._written_root = view["root"]

@@ -1,0 +1,178 @@
+"""A node's data directory: its key, its append-only message log, its ledger file.
+
+Everything a node accepted is in ``messages.log`` as length- and CRC-framed records, written
+before the node acknowledges it (group commit: one fsync covers every record queued meanwhile).
+A torn or corrupt tail, as a crash mid-write leaves, is detected, logged and cut off; records
+before it are kept. ``ledger.json`` is a derived view, replaced atomically; the log is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOG_MAGIC = b"P2PMLOG1\n"  # file header: format name and version
+RECORD_HEADER = struct.Struct(">II")  # payload length, CRC-32 of the payload
+MAX_RECORD_BYTES = 1 << 20  # anything larger is corruption, not a message
+KEY_FILE = "node.key"
+LOG_FILE = "messages.log"
+LEDGER_FILE = "ledger.json"
+LOCK_FILE = "lock"
+
+
+class StoreError(RuntimeError):
+    """The data directory cannot be used; the message says why and what to do."""
+
+
+def default_data_dir(port: int) -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "p2pml" / f"peer-{port}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename over, fsync the directory: old or new, never torn."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class DataDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreError(f"cannot create data dir {self.path}: {exc}") from None
+        self._lock_fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreError(f"data dir {self.path} is in use by another running node") from None
+        self._log = None
+        self._pending: list[bytes] = []
+        self._commit: asyncio.Future | None = None
+
+    # -- key ------------------------------------------------------------------------------------
+
+    def load_or_create_seed(self, generate) -> bytes:
+        """The 32-byte Ed25519 seed, created owner-only on first start."""
+        path = self.path / KEY_FILE
+        if path.exists():
+            if path.stat().st_mode & 0o077:
+                raise StoreError(f"{path} is readable by others; run: chmod 600 {path}")
+            seed = path.read_bytes()
+            if len(seed) != 32:
+                raise StoreError(f"{path} is damaged ({len(seed)} bytes, expected 32)")
+            return seed
+        seed = generate()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(seed)
+            f.flush()
+            os.fsync(f.fileno())
+        return seed
+
+    # -- message log ----------------------------------------------------------------------------
+
+    def read_log(self) -> list[bytes]:
+        """All intact records; a damaged tail is logged and truncated away."""
+        path = self.path / LOG_FILE
+        if not path.exists():
+            with open(path, "wb") as f:
+                f.write(LOG_MAGIC)
+                f.flush()
+                os.fsync(f.fileno())
+            return []
+        data = path.read_bytes()
+        if not data.startswith(LOG_MAGIC):
+            raise StoreError(f"{path} is not a p2pml v1 message log (unknown header "
+                             f"{data[:len(LOG_MAGIC)]!r}); move it away to start empty")
+        records, pos = [], len(LOG_MAGIC)
+        while pos < len(data):
+            if pos + RECORD_HEADER.size > len(data):
+                break
+            length, crc = RECORD_HEADER.unpack_from(data, pos)
+            end = pos + RECORD_HEADER.size + length
+            if length > MAX_RECORD_BYTES or end > len(data):
+                break
+            payload = data[pos + RECORD_HEADER.size : end]
+            if zlib.crc32(payload) != crc:
+                break
+            records.append(payload)
+            pos = end
+        if pos < len(data):
+            log.warning("%s: dropping %d damaged bytes at offset %d after %d intact records",
+                        path, len(data) - pos, pos, len(records))
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                f.flush()
+                os.fsync(f.fileno())
+        return records
+
+    def _open_log(self):
+        if self._log is None:
+            self._log = open(self.path / LOG_FILE, "ab")
+        return self._log
+
+    def append(self, raws: list[bytes]) -> None:
+        """Queue records; they are written and fsynced by the next ``commit``."""
+        self._pending.extend(raws)
+
+    def _write(self, records: list[bytes]) -> None:
+        f = self._open_log()
+        f.write(b"".join(RECORD_HEADER.pack(len(r), zlib.crc32(r)) + r for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+    async def commit(self) -> None:
+        """Make everything appended so far durable. Concurrent callers share one fsync."""
+        while self._commit is not None:
+            await asyncio.shield(self._commit)
+        if not self._pending:
+            return
+        self._commit = asyncio.get_running_loop().create_future()
+        try:
+            records, self._pending = self._pending, []
+            await asyncio.to_thread(self._write, records)
+            self._commit.set_result(None)
+        except BaseException as exc:
+            self._commit.set_exception(exc)
+            self._commit.exception()  # retrieved: only the waiters above need to see it
+            raise
+        finally:
+            self._commit = None
+
+    def commit_now(self) -> None:
+        """Synchronous commit, for start-up and shutdown."""
+        records, self._pending = self._pending, []
+        if records:
+            self._write(records)
+
+    # -- ledger view ----------------------------------------------------------------------------
+
+    def write_ledger(self, view: dict) -> None:
+        data = json.dumps(view, indent=1, sort_keys=True).encode() + b"\n"
+        write_atomic(self.path / LEDGER_FILE, data)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        os.close(self._lock_fd)

@@ -1,0 +1,243 @@
+"""Wire format: canonical msgpack bodies in Ed25519-signed envelopes, decoded within limits.
+
+An envelope is the msgpack array ``[key, body, signature]``. ``body`` is the canonical msgpack
+of a positional array (``["vote", ...]``); the signature covers ``DOMAIN + genesis id + key +
+body`` and the message id is the SHA-256 of those same bytes, so one content has one id and a
+signature made for another network or another purpose never verifies here. A body that does not
+re-encode to the very same bytes is rejected: two encodings of one vote must not become two
+votes (that would frame an honest peer for equivocation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from p2pml.ledger import CLASSES, PROBA_ONE, Message, Query, Register, Vote, Votes
+
+DOMAIN = b"p2pml/v1/message\x00"
+
+N_FEATURES = 4
+KEY_BYTES = 32
+SIG_BYTES = 64
+ROUND_BYTES = 16
+
+# Limits, each with its reason (docs/protocol.md lists them too).
+MAX_BODY_BYTES = 64 * 1024  # a full query batch of MAX_ITEMS rows is about 10 KiB
+MAX_ITEMS = 256  # rows per query message, votes per vote message: bounds one model call
+MAX_BATCH_MESSAGES = 1024  # envelopes per gossip POST: bounds verification work per request
+MAX_BATCH_BYTES = MAX_BATCH_MESSAGES * 2 * 1024  # a gossip POST body; larger is refused unread
+MAX_NAME_CHARS = 64
+MAX_LAMPORT = 2**53  # keeps lamport clocks exact in any JSON reader
+
+
+class WireError(ValueError):
+    """A message or batch that is malformed, non-canonical, or badly signed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A verified message together with the exact envelope bytes it arrived in."""
+
+    msg: Message
+    raw: bytes
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _signing_bytes(genesis_id: bytes, key: bytes, body: bytes) -> bytes:
+    return DOMAIN + genesis_id + key + body
+
+
+def message_id(genesis_id: bytes, key: bytes, body: bytes) -> bytes:
+    return hashlib.sha256(_signing_bytes(genesis_id, key, body)).digest()
+
+
+# -- bodies ----------------------------------------------------------------------------------
+
+
+def encode_body(body: Register | Query | Votes) -> bytes:
+    if isinstance(body, Register):
+        return pack(["register", body.name, body.model, body.deposit])
+    if isinstance(body, Query):
+        return pack(["query", body.lamport, [list(item) for item in body.items]])
+    if isinstance(body, Votes):
+        votes = [[v.round, v.label, list(v.proba)] for v in body.votes]
+        return pack(["votes", body.lamport, votes])
+    raise TypeError(f"cannot encode {type(body).__name__}")
+
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise WireError(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+    return value
+
+
+def _list(value, name: str, lo: int, hi: int) -> list:
+    if type(value) is not list or not lo <= len(value) <= hi:
+        raise WireError(f"{name} must be a list of {lo} to {hi} items")
+    return value
+
+
+def _str(value, name: str) -> str:
+    if type(value) is not str or not 0 < len(value) <= MAX_NAME_CHARS:
+        raise WireError(f"{name} must be a string of 1 to {MAX_NAME_CHARS} characters")
+    return value
+
+
+def check_features(row) -> tuple[float, ...]:
+    """A feature row: exactly N_FEATURES finite floats (shared with the HTTP API)."""
+    if type(row) not in (list, tuple) or len(row) != N_FEATURES:
+        raise WireError(f"a feature row must have {N_FEATURES} numbers")
+    out = []
+    for x in row:
+        if type(x) is not float or not math.isfinite(x):
+            raise WireError(f"features must be finite floats, got {x!r:.40}")
+        out.append(x)
+    return tuple(out)
+
+
+def decode_body(data: bytes) -> Register | Query | Votes:
+    try:
+        obj = msgpack.unpackb(
+            data, use_list=True, raw=False, strict_map_key=True,
+            max_array_len=MAX_ITEMS, max_map_len=0, max_ext_len=0,
+            max_str_len=MAX_NAME_CHARS * 4, max_bin_len=ROUND_BYTES,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(f"body is not valid msgpack within limits: {exc}") from None
+    fields = _list(obj, "body", 1, 4)
+    kind = fields[0]
+    if kind == "register" and len(fields) == 4:
+        body = Register(_str(fields[1], "name"), _str(fields[2], "model"),
+                        _int(fields[3], "deposit", 0, 2**63))
+    elif kind == "query" and len(fields) == 3:
+        items = _list(fields[2], "query items", 1, MAX_ITEMS)
+        body = Query(_int(fields[1], "lamport", 1, MAX_LAMPORT),
+                     tuple(check_features(row) for row in items))
+    elif kind == "votes" and len(fields) == 3:
+        votes = []
+        for v in _list(fields[2], "votes", 1, MAX_ITEMS):
+            rid, label, proba = _list(v, "vote", 3, 3)
+            if type(rid) is not bytes or len(rid) != ROUND_BYTES:
+                raise WireError(f"a vote's round must be {ROUND_BYTES} bytes")
+            proba = _list(proba, "probabilities", len(CLASSES), len(CLASSES))
+            votes.append(Vote(rid, _int(label, "label", 0, len(CLASSES) - 1),
+                              tuple(_int(p, "probability", 0, PROBA_ONE) for p in proba)))
+        body = Votes(_int(fields[1], "lamport", 1, MAX_LAMPORT), tuple(votes))
+    else:
+        raise WireError(f"unknown body kind {str(kind)[:20]!r} with {len(fields)} fields")
+    if encode_body(body) != data:
+        raise WireError("body is not in canonical encoding")
+    return body
+
+
+# -- envelopes -------------------------------------------------------------------------------
+
+
+class Identity:
+    """This node's signing key; the only holder of private key material."""
+
+    def __init__(self, private: Ed25519PrivateKey):
+        self._private = private
+        self.key = private.public_key().public_bytes_raw()
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    def seed(self) -> bytes:
+        return self._private.private_bytes_raw()
+
+    def sign(self, genesis_id: bytes, body: Register | Query | Votes) -> Signed:
+        data = encode_body(body)
+        sig = self._private.sign(_signing_bytes(genesis_id, self.key, data))
+        msg = Message(message_id(genesis_id, self.key, data), self.key, body)
+        return Signed(msg, pack([self.key, data, sig]))
+
+
+class Verifier:
+    """Checks envelopes for one network; caches parsed public keys (parsing is not free)."""
+
+    MAX_CACHED_KEYS = 4096
+
+    def __init__(self, genesis_id: bytes):
+        self.genesis_id = genesis_id
+        self._keys: dict[bytes, Ed25519PublicKey] = {}
+
+    def _public(self, key: bytes) -> Ed25519PublicKey:
+        pub = self._keys.get(key)
+        if pub is None:
+            try:
+                pub = Ed25519PublicKey.from_public_bytes(key)
+            except ValueError:
+                raise WireError("author key is not a valid Ed25519 public key") from None
+            if len(self._keys) >= self.MAX_CACHED_KEYS:
+                self._keys.clear()
+            self._keys[key] = pub
+        return pub
+
+    def open(self, raw: bytes) -> Signed:
+        """Decode one envelope: shape, then signature, then body. Raises WireError."""
+        try:
+            env = msgpack.unpackb(raw, max_array_len=3, max_map_len=0, max_str_len=0,
+                                  max_ext_len=0, max_bin_len=MAX_BODY_BYTES)
+        except Exception as exc:
+            raise WireError(f"envelope is not valid msgpack within limits: {exc}") from None
+        return self.open_fields(env, raw)
+
+    def open_fields(self, env, raw: bytes | None = None, is_known=None) -> Signed | None:
+        """Check one decoded envelope; None if ``is_known(id)`` (a duplicate costs no verify)."""
+        if type(env) is not list or len(env) != 3 or not all(type(x) is bytes for x in env):
+            raise WireError("an envelope is [key, body, signature], all byte strings")
+        key, body, sig = env
+        if len(key) != KEY_BYTES or len(sig) != SIG_BYTES:
+            raise WireError(f"key must be {KEY_BYTES} bytes and signature {SIG_BYTES}")
+        if len(body) > MAX_BODY_BYTES:
+            raise WireError(f"body over {MAX_BODY_BYTES} bytes")
+        signed = _signing_bytes(self.genesis_id, key, body)
+        if is_known is not None and is_known(hashlib.sha256(signed).digest()):
+            return None
+        try:
+            self._public(key).verify(sig, signed)
+        except InvalidSignature:
+            raise WireError("bad signature") from None
+        msg = Message(hashlib.sha256(signed).digest(), key, decode_body(body))
+        return Signed(msg, raw if raw is not None else pack(env))
+
+
+def pack_batch(raws: list[bytes]) -> bytes:
+    """A gossip batch: a msgpack array header, then the envelopes' own bytes unchanged."""
+    n = len(raws)
+    if n < 16:
+        header = bytes([0x90 | n])
+    elif n < 65536:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    return header + b"".join(raws)
+
+
+def unpack_batch(data: bytes) -> list:
+    """Split a gossip batch into envelope field lists, within limits; raises WireError."""
+    if len(data) > MAX_BATCH_BYTES:
+        raise WireError(f"batch over {MAX_BATCH_BYTES} bytes")
+    try:
+        batch = msgpack.unpackb(data, max_array_len=MAX_BATCH_MESSAGES, max_map_len=0,
+                                max_str_len=0, max_ext_len=0, max_bin_len=MAX_BODY_BYTES)
+    except Exception as exc:
+        raise WireError(f"batch is not valid msgpack within limits: {exc}") from None
+    if type(batch) is not list:
+        raise WireError("a gossip batch is a msgpack array of envelopes")
+    return batch
