@@ -13,7 +13,7 @@ import math
 import msgpack
 from aiohttp import web
 
-from p2pml.gossip import MSGPACK
+from p2pml.gossip import MSGPACK, PEER_HEADER
 from p2pml.model import FEATURES
 from p2pml.service import Node, Overloaded
 from p2pml.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, WireError, unpack_batch
@@ -122,6 +122,7 @@ async def health(request: web.Request) -> web.Response:
 async def _msgpack_body(request: web.Request):
     if request.content_type != MSGPACK:
         raise web.HTTPUnsupportedMediaType(text=f"{request.path} takes {MSGPACK}, not {request.content_type!r}")
+    request.app[NODE].gossip.heard_from(request.headers.get(PEER_HEADER))
     return await request.read()  # bounded by the app's client_max_size (413 beyond)
 
 

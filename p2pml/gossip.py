@@ -32,8 +32,9 @@ MAX_SYNC_IDS = 32 * 1024  # ids per /sync answer (1 MiB of ids)
 MAX_RESPONSE_BYTES = 2 * MAX_BATCH_BYTES  # the most this node reads of any peer's answer
 MAX_OUTBOX = 8 * MAX_BATCH_MESSAGES  # envelopes queued for one peer; older ones are dropped
 FETCHES_PER_SYNC = 8  # fetch requests one reconciliation may make (catch-up speed vs fairness)
-BACKOFF_BASE_S = 0.25
-BACKOFF_MAX_S = 5.0
+BACKOFF_BASE_S = 0.1
+BACKOFF_MAX_S = 2.0
+PEER_HEADER = "X-P2PML-Peer"  # the sender's name: traffic from a peer shows it is up again
 
 
 class Holdings:
@@ -100,8 +101,9 @@ Ingest = Callable[[list, str], Awaitable[object]]
 
 
 class Gossip:
-    def __init__(self, peers: list[PeerConfig], holdings: Holdings, ingest: Ingest,
+    def __init__(self, me: str, peers: list[PeerConfig], holdings: Holdings, ingest: Ingest,
                  request_timeout_ms: int, interval_ms: int):
+        self.me = me
         self.links = {p.name: Link(p) for p in peers}
         self.holdings = holdings
         self._ingest = ingest
@@ -125,6 +127,12 @@ class Gossip:
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()
+
+    def heard_from(self, name: str | None) -> None:
+        """A peer reached us: it is up, whatever our last attempt to reach it said."""
+        link = self.links.get(name or "")
+        if link is not None and not link.up:
+            self._mark(link, True)
 
     def reachable(self) -> set[str]:
         return {name for name, link in self.links.items() if link.up}
@@ -161,8 +169,8 @@ class Gossip:
     async def _post(self, link: Link, path: str, data: bytes) -> bytes | None:
         """POST and read a bounded answer; None (and the peer marked down) if it fails."""
         try:
-            async with self._session.post(link.cfg.url + path, data=data,
-                                          headers={"Content-Type": MSGPACK}) as resp:
+            headers = {"Content-Type": MSGPACK, PEER_HEADER: self.me}
+            async with self._session.post(link.cfg.url + path, data=data, headers=headers) as resp:
                 body = bytearray()
                 async for chunk in resp.content.iter_chunked(64 * 1024):
                     body += chunk
@@ -192,20 +200,23 @@ class Gossip:
     # -- anti-entropy ---------------------------------------------------------------------------
 
     async def _anti_entropy(self) -> None:
+        """Each tick: reconcile with the next peer in turn, and re-probe down peers that are due."""
         names = sorted(self.links)
         turn = 0
         while True:
             await asyncio.sleep(self._interval)
             now = asyncio.get_running_loop().time()
-            for _ in range(len(names)):
-                link = self.links[names[turn % len(names)]]
+            due = {n for n in names if not self.links[n].up and now >= self.links[n].retry_at}
+            if names:
+                due.add(names[turn % len(names)])
                 turn += 1
-                if link.up or now >= link.retry_at:
-                    try:
-                        await self.reconcile(link)
-                    except Exception:  # one bad exchange must not end anti-entropy
-                        log.exception("reconciliation with %s failed", link.cfg.name)
-                    break
+            await asyncio.gather(*(self._reconcile_safely(self.links[n]) for n in sorted(due)))
+
+    async def _reconcile_safely(self, link: Link) -> None:
+        try:
+            await self.reconcile(link)
+        except Exception:  # one bad exchange must not end anti-entropy
+            log.exception("reconciliation with %s failed", link.cfg.name)
 
     async def reconcile(self, link: Link) -> None:
         answer = await self._post(link, "/sync", pack(self.holdings.summary()))

@@ -46,7 +46,7 @@ class Node:
         self.verifier = Verifier(self.genesis_id)
         self.holdings = Holdings()
         self.model = Model(me.model, behavior, self.identity.key)
-        self.gossip = Gossip([p for p in net.peers if p.name != me.name], self.holdings,
+        self.gossip = Gossip(me.name, [p for p in net.peers if p.name != me.name], self.holdings,
                              self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._lamport = 0

@@ -1,0 +1,169 @@
+"""A local cluster of real node processes, for ``scripts/cluster.py``, the tests and benchmarks.
+
+Each peer runs as ``python -m p2pml.node`` in its own process with its own data dir and log file.
+Only processes this object started are ever signalled, by their own pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from p2pml.config import MODEL_KINDS, NetworkConfig, load
+
+PEER_NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel hands out as free right now (kept open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def write_network(path: Path, ports: list[int], **network) -> Path:
+    """A peers file for ``len(ports)`` peers on loopback, model kinds in turn."""
+    lines = ["[network]"] + [f"{k} = {v}" for k, v in network.items()]
+    for i, port in enumerate(ports):
+        lines += ["", "[[peer]]", f'name = "{PEER_NAMES[i]}"', 'host = "127.0.0.1"',
+                  f"port = {port}", f'model = "{MODEL_KINDS[i % len(MODEL_KINDS)]}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class LocalCluster:
+    def __init__(self, peers_file: str | Path, data_root: str | Path,
+                 behaviors: dict[str, str] | None = None, log_level: str = "INFO"):
+        self.peers_file = Path(peers_file)
+        self.net: NetworkConfig = load(self.peers_file)
+        self.data_root = Path(data_root)
+        self.behaviors = behaviors or {}
+        self.log_level = log_level
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.net.peers]
+
+    def url(self, name: str) -> str:
+        return next(p.url for p in self.net.peers if p.name == name)
+
+    def start(self, name: str | None = None) -> None:
+        """Start one peer, or all of them."""
+        for peer in self.net.peers:
+            if name is not None and peer.name != name:
+                continue
+            if peer.name in self.procs and self.procs[peer.name].poll() is None:
+                continue
+            data = self.data_root / peer.name
+            data.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "p2pml.node", "--port", str(peer.port),
+                   "--peers", str(self.peers_file), "--data-dir", str(data),
+                   "--behavior", self.behaviors.get(peer.name, "honest"),
+                   "--log-level", self.log_level]
+            logf = open(self.data_root / f"{peer.name}.log", "ab")
+            self.procs[peer.name] = subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)  # Ctrl-C in a terminal reaches us, and we stop them
+            logf.close()
+
+    def wait_healthy(self, timeout: float = 60.0, names: list[str] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        for name in names or self.names:
+            while True:
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"peer {name} exited with code {proc.returncode}; "
+                                       f"see {self.data_root / (name + '.log')}")
+                try:
+                    get_json(self.url(name) + "/health", timeout=1.0)
+                    break
+                except (OSError, urllib.error.URLError, ValueError):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"peer {name} not healthy after {timeout:.0f}s") from None
+                    time.sleep(0.1)
+
+    def wait_registered(self, timeout: float = 30.0) -> None:
+        """Until every running peer's ledger lists every peer: the network is ready to vote."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [n for n in self.names if n in self.procs and self.procs[n].poll() is None]
+            ledgers = self.ledgers(running)
+            if len(ledgers) == len(running) and all(len(lg["peers"]) == len(self.names)
+                                                    for lg in ledgers.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"peers did not all register within {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def signal(self, name: str, sig: int) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+
+    def kill(self, name: str) -> None:
+        """kill -9 one peer and reap it."""
+        self.signal(name, signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def stop(self, name: str | None = None, timeout: float = 10.0) -> None:
+        """SIGTERM (clean shutdown), then SIGKILL for any peer still running after ``timeout``."""
+        targets = [name] if name else list(self.procs)
+        for n in targets:
+            self.signal(n, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for n in targets:
+            proc = self.procs[n]
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    def ledgers(self, names: list[str] | None = None) -> dict[str, dict]:
+        out = {}
+        for name in names or self.names:
+            try:
+                out[name] = get_json(self.url(name) + "/ledger")
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+        return out
+
+    def wait_converged(self, timeout: float = 15.0, names: list[str] | None = None) -> dict[str, dict]:
+        """Poll until every named peer reports the same root and message count."""
+        names = names or self.names
+        deadline = time.monotonic() + timeout
+        while True:
+            ledgers = self.ledgers(names)
+            if len(ledgers) == len(names) and \
+                    len({(lg["root"], lg["messages"]) for lg in ledgers.values()}) == 1:
+                return ledgers
+            if time.monotonic() > deadline:
+                return ledgers
+            time.sleep(0.1)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

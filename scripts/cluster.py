@@ -1,0 +1,121 @@
+"""Run a local p2pml cluster, send it queries, and report what every peer's ledger says.
+
+    python scripts/cluster.py [--queries N] [--byzantine K] [--keep-running]
+
+Starts the peers of peers.toml as separate processes, sends N Iris rows to random peers, then
+prints one line per peer and whether all ledger roots agree. Exits 1 if they do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sklearn.datasets import load_iris  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from p2pml.cluster import LocalCluster, get_json  # noqa: E402
+from p2pml.config import ConfigError  # noqa: E402
+from p2pml.ledger import WEIGHT_ONE  # noqa: E402
+
+BAD_BEHAVIORS = ("random", "constant")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=100, help="queries to send (default 100)")
+    ap.add_argument("--byzantine", type=int, default=0, metavar="K",
+                    help="run the last K peers misbehaving (random, constant, random, ...)")
+    ap.add_argument("--keep-running", action="store_true", help="leave the cluster up until Ctrl-C")
+    ap.add_argument("--peers", default="peers.toml", help="network file (default peers.toml)")
+    ap.add_argument("--data-dir", help="where peers keep their state (default: a new temp dir)")
+    ap.add_argument("--seed", type=int, default=1, help="which rows and peers are drawn")
+    args = ap.parse_args()
+    if args.queries < 0:
+        ap.error("--queries must be 0 or more")
+    data_root = Path(args.data_dir or tempfile.mkdtemp(prefix="p2pml-cluster-"))
+    try:
+        cluster = LocalCluster(args.peers, data_root)
+    except ConfigError as exc:
+        ap.error(str(exc))
+    if not 0 <= args.byzantine <= len(cluster.names):
+        ap.error(f"--byzantine must be between 0 and {len(cluster.names)}")
+    bad = cluster.names[len(cluster.names) - args.byzantine:] if args.byzantine else []
+    cluster.behaviors = {n: BAD_BEHAVIORS[i % 2] for i, n in enumerate(bad)}
+    print(f"starting {len(cluster.names)} peers (state and logs in {data_root})")
+    try:
+        cluster.start()
+        cluster.wait_healthy()
+        cluster.wait_registered()
+        return run(cluster, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping peers")
+        return 130
+    finally:
+        cluster.stop()
+
+
+def run(cluster: LocalCluster, args) -> int:
+    iris = load_iris()
+    rng = random.Random(args.seed)
+    right = answered = failed = 0
+    votes_seen = []
+    for _ in tqdm(range(args.queries), desc="queries", unit="q"):
+        i = rng.randrange(len(iris.target))
+        name = rng.choice(cluster.names)
+        features = ",".join(f"{x:g}" for x in iris.data[i])
+        try:
+            result = get_json(f"{cluster.url(name)}/predict?features={features}")
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            failed += 1
+            tqdm.write(f"query to {name} failed: {exc}")
+            continue
+        answered += 1
+        right += result["prediction"] == iris.target_names[iris.target[i]]
+        votes_seen.append(len(result["votes"]))
+    t0 = time.monotonic()
+    ledgers = cluster.wait_converged(timeout=15)
+    waited = time.monotonic() - t0
+    roots = {lg["root"] for lg in ledgers.values()}
+    agree = len(roots) == 1 and len(ledgers) == len(cluster.names)
+    print()
+    if answered:
+        print(f"answered {answered}/{args.queries} queries, consensus accuracy {right / answered:.1%}, "
+              f"votes per answer: min {min(votes_seen)}, mean {sum(votes_seen) / len(votes_seen):.1f}")
+    if failed:
+        print(f"{failed} queries failed")
+    view = next(iter(ledgers.values()))
+    print(f"\n{'peer':<6} {'model':<20} {'behavior':<9} {'stake':>6} {'weight':>7} {'status':<8} "
+          f"{'agreed':>13}  id")
+    for pid, p in sorted(view["peers"].items(), key=lambda kv: kv[1]["name"]):
+        behavior = cluster.behaviors.get(p["name"], "honest")
+        agreement = f"{p['agreed']}/{p['votes']}" + (f" {p['agreed'] / p['votes']:.0%}" if p["votes"] else "")
+        status = p["status"] + (f" ({p['reason']})" if p["reason"] else "")
+        print(f"{p['name']:<6} {p['model']:<20} {behavior:<9} {p['stake']:>6} "
+              f"{p['weight'] / WEIGHT_ONE:>7.3f} {status:<8} {agreement:>13}  {pid[:12]}")
+    print(f"\nsettled rounds {view['rounds']}, burned {view['burned']}, messages {view['messages']}")
+    if agree:
+        print(f"ledger roots: all {len(ledgers)} equal ({next(iter(roots))[:16]}…), "
+              f"converged {waited:.2f}s after the last answer")
+    else:
+        print("ledger roots DISAGREE:")
+        for name, lg in ledgers.items():
+            print(f"  {name}: {lg['root'][:16]}… ({lg['messages']} messages)")
+    if args.keep_running:
+        print("\ncluster is running: " + ", ".join(cluster.url(n) for n in cluster.names))
+        print("Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
