@@ -321,10 +321,15 @@ class Ledger:
             for vote in body.votes:
                 if not 0 <= vote.label < len(CLASSES):
                     return f"vote label {vote.label} is not a class index"
+            if len({vote.round for vote in body.votes}) != len(body.votes):
+                return "a vote message holds at most one vote per round"
             for vote in body.votes:
                 by_author = self._votes.setdefault(vote.round, {})
                 contents = by_author.setdefault(msg.author, {})
-                contents.setdefault((vote.label, vote.proba), msg.id)
+                content = (vote.label, vote.proba)
+                # The lowest id, not the first arrival: evidence must not depend on timing.
+                if content not in contents or msg.id < contents[content]:
+                    contents[content] = msg.id
                 key = self._queries.get(vote.round)
                 if key is not None:
                     self._mark_dirty(bisect.bisect_left(self._order, key))

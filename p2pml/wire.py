@@ -131,6 +131,8 @@ def decode_body(data: bytes) -> Register | Query | Votes:
             proba = _list(proba, "probabilities", len(CLASSES), len(CLASSES))
             votes.append(Vote(rid, _int(label, "label", 0, len(CLASSES) - 1),
                               tuple(_int(p, "probability", 0, PROBA_ONE) for p in proba)))
+        if len({v.round for v in votes}) != len(votes):
+            raise WireError("a vote message holds at most one vote per round")
         body = Votes(_int(fields[1], "lamport", 1, MAX_LAMPORT), tuple(votes))
     else:
         raise WireError(f"unknown body kind {str(kind)[:20]!r} with {len(fields)} fields")

@@ -1,0 +1,70 @@
+"""Shared fixtures: a signed-message factory for ledger tests, and real clusters for integration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pml.cluster import LocalCluster, free_ports, write_network
+from p2pml.config import MODEL_KINDS
+from p2pml.ledger import DEPOSIT, Genesis, Query, Register, Slot, Vote, Votes, round_id
+from p2pml.wire import Identity
+
+NAMES = ("ada", "bo", "cy", "di", "ed")
+ROW = (5.1, 3.5, 1.4, 0.2)
+
+
+def one_hot(label: int) -> tuple[int, ...]:
+    return tuple(1_000_000 if c == label else 0 for c in range(3))
+
+
+class Net:
+    """Five seeded identities in one genesis, and helpers that sign real messages for them."""
+
+    def __init__(self, n: int = 5):
+        self.ids = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(n)]
+        self.genesis = Genesis(tuple(Slot(NAMES[i], MODEL_KINDS[i]) for i in range(n)))
+        self.gid = self.genesis.id()
+
+    def sign(self, i: int, body):
+        return self.ids[i].sign(self.gid, body).msg
+
+    def register(self, i: int, deposit: int = DEPOSIT, name: str | None = None, model: str | None = None):
+        return self.sign(i, Register(name or NAMES[i], model or MODEL_KINDS[i], deposit))
+
+    def registrations(self):
+        return [self.register(i) for i in range(len(self.ids))]
+
+    def query(self, i: int, lamport: int, n_items: int = 1):
+        msg = self.sign(i, Query(lamport, tuple((ROW[0] + k / 100, *ROW[1:]) for k in range(n_items))))
+        return msg, [round_id(msg.id, k) for k in range(n_items)]
+
+    def votes(self, i: int, lamport: int, choices: list[tuple[bytes, int]]):
+        return self.sign(i, Votes(lamport, tuple(Vote(r, lab, one_hot(lab)) for r, lab in choices)))
+
+
+@pytest.fixture
+def net() -> Net:
+    return Net()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path):
+    """Start real node processes on free loopback ports; every one is stopped at teardown."""
+    started: list[LocalCluster] = []
+
+    def make(n: int = 5, behaviors: dict[str, str] | None = None, **network) -> LocalCluster:
+        network.setdefault("query_timeout_ms", 400)
+        network.setdefault("anti_entropy_interval_ms", 200)
+        peers = write_network(tmp_path / "peers.toml", free_ports(n), **network)
+        cluster = LocalCluster(peers, tmp_path / "data", behaviors)
+        started.append(cluster)
+        cluster.start()
+        cluster.wait_healthy()
+        cluster.wait_registered()
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.stop()

@@ -1,0 +1,411 @@
+"""The data directory: key file, crash-safe message log with group commit, ledger view, lock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import stat
+import zlib
+
+import pytest
+
+from p2pml.store import (
+    KEY_FILE,
+    LEDGER_FILE,
+    LOG_FILE,
+    LOG_MAGIC,
+    MAX_RECORD_BYTES,
+    RECORD_HEADER,
+    DataDir,
+    StoreError,
+    default_data_dir,
+)
+
+
+class Dirs:
+    """Opens DataDirs and closes, at teardown, every one a test left open (even a failing one)."""
+
+    def __init__(self):
+        self.open: list[DataDir] = []
+
+    def __call__(self, path) -> DataDir:
+        d = DataDir(path)
+        self.open.append(d)
+        return d
+
+    def close(self, d: DataDir) -> None:
+        self.open.remove(d)
+        d.close()
+
+
+@pytest.fixture
+def opened():
+    dirs = Dirs()
+    yield dirs
+    for d in dirs.open:
+        d.close()
+
+
+def frame(record: bytes) -> bytes:
+    return RECORD_HEADER.pack(len(record), zlib.crc32(record)) + record
+
+
+def records(n: int, size: int = 20) -> list[bytes]:
+    return [f"record-{i:04d}-".encode() + bytes([i % 256]) * size for i in range(n)]
+
+
+def log_bytes(path) -> bytes:
+    return (path / LOG_FILE).read_bytes()
+
+
+def reread(path, opened) -> list[bytes]:
+    d = opened(path)
+    try:
+        return d.read_log()
+    finally:
+        opened.close(d)
+
+
+# -- message log -------------------------------------------------------------------------------
+
+
+def test_fresh_log(tmp_path, opened):
+    d = opened(tmp_path / "data")
+    assert d.read_log() == []
+    assert log_bytes(d.path) == LOG_MAGIC
+    assert d.read_log() == []  # the existing, empty log reads the same
+    assert log_bytes(d.path) == LOG_MAGIC
+
+
+def test_data_dir_created_owner_only(tmp_path, opened):
+    d = opened(tmp_path / "a" / "b")
+    assert d.path.is_dir()
+    assert stat.S_IMODE(d.path.stat().st_mode) & 0o077 == 0
+
+
+def test_commit_now_round_trip(tmp_path, opened):
+    d = opened(tmp_path)
+    d.read_log()
+    recs = records(5) + [b"", b"\x00" * 1000]
+    d.append(recs[:3])
+    d.commit_now()
+    d.append(recs[3:])
+    d.commit_now()
+    d.commit_now()  # nothing pending: writes nothing
+    opened.close(d)
+    assert log_bytes(tmp_path) == LOG_MAGIC + b"".join(frame(r) for r in recs)
+    assert reread(tmp_path, opened) == recs
+
+
+def test_appended_but_not_committed_is_not_written(tmp_path, opened):
+    d = opened(tmp_path)
+    d.read_log()
+    d.append([b"durable"])
+    d.commit_now()
+    d.append([b"pending"])
+    assert reread_bytes_after_magic(tmp_path) == frame(b"durable")
+
+
+def reread_bytes_after_magic(path) -> bytes:
+    return log_bytes(path)[len(LOG_MAGIC):]
+
+
+async def test_async_commit_round_trip(tmp_path, opened):
+    d = opened(tmp_path)
+    assert d.read_log() == []
+    recs = records(10)
+    for r in recs[:4]:
+        d.append([r])
+    await d.commit()
+    assert reread_bytes_after_magic(tmp_path) == b"".join(frame(r) for r in recs[:4])
+    d.append(recs[4:])
+    await d.commit()
+    await d.commit()  # nothing pending
+    opened.close(d)
+    assert reread(tmp_path, opened) == recs
+
+
+def test_records_survive_several_restarts(tmp_path, opened):
+    expected = []
+    for round_ in range(3):
+        d = opened(tmp_path)
+        assert d.read_log() == expected
+        new = [f"restart {round_} item {i}".encode() for i in range(3)]
+        d.append(new)
+        d.commit_now()
+        expected += new
+        opened.close(d)
+    assert reread(tmp_path, opened) == expected
+
+
+def write_log(path, recs: list[bytes], tail: bytes = b"") -> bytes:
+    data = LOG_MAGIC + b"".join(frame(r) for r in recs) + tail
+    path.mkdir(parents=True, exist_ok=True)
+    (path / LOG_FILE).write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("cut", [1, 4, 8, 9, 15])
+def test_torn_tail_record_is_dropped(tmp_path, opened, cut):
+    recs = records(3)
+    good = LOG_MAGIC + frame(recs[0]) + frame(recs[1])
+    full = write_log(tmp_path, recs)
+    with open(tmp_path / LOG_FILE, "r+b") as f:
+        f.truncate(len(good) + cut)  # inside the third record's header or payload
+    assert len(good) + cut < len(full)
+    d = opened(tmp_path)
+    assert d.read_log() == recs[:2]
+    assert log_bytes(tmp_path) == good  # truncated to the last intact record
+    # New records follow the intact ones and read back after a restart.
+    d.append([b"after the crash"])
+    d.commit_now()
+    opened.close(d)
+    assert reread(tmp_path, opened) == recs[:2] + [b"after the crash"]
+
+
+def test_dropped_tail_is_logged(tmp_path, opened, caplog):
+    recs = records(2)
+    write_log(tmp_path, recs, tail=b"\x00\x00")
+    with caplog.at_level(logging.WARNING, logger="p2pml.store"):
+        assert opened(tmp_path).read_log() == recs
+    assert any("dropping 2 damaged bytes" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("tail", [b"\x00", b"\x00\x00\x00\x05", b"\x00\x00\x00\x05\xab\xcd\xef",
+                                  RECORD_HEADER.pack(MAX_RECORD_BYTES + 1, 0) + b"x" * 10,
+                                  RECORD_HEADER.pack(2**32 - 1, 0)],
+                         ids=["1-byte", "half-header", "7-byte", "oversized", "max-length"])
+def test_torn_or_impossible_header_is_dropped(tmp_path, opened, tail):
+    recs = records(4)
+    good = write_log(tmp_path, recs)
+    with open(tmp_path / LOG_FILE, "ab") as f:
+        f.write(tail)
+    d = opened(tmp_path)
+    assert d.read_log() == recs
+    assert log_bytes(tmp_path) == good
+
+
+@pytest.mark.parametrize("where", ["payload", "crc", "length"])
+def test_corrupt_record_and_everything_after_dropped(tmp_path, opened, where):
+    recs = records(5)
+    data = bytearray(write_log(tmp_path, recs))
+    start = len(LOG_MAGIC) + len(frame(recs[0])) + len(frame(recs[1]))  # the third record
+    offset = {"payload": start + RECORD_HEADER.size + 3, "crc": start + 5, "length": start + 3}[where]
+    data[offset] ^= 0x01 if where != "length" else 0x02  # length - 2 or + 2: the CRC no longer fits
+    (tmp_path / LOG_FILE).write_bytes(bytes(data))
+    d = opened(tmp_path)
+    assert d.read_log() == recs[:2]
+    assert log_bytes(tmp_path) == LOG_MAGIC + frame(recs[0]) + frame(recs[1])
+    opened.close(d)
+    assert reread(tmp_path, opened) == recs[:2]  # stable: a second read drops nothing more
+
+
+def test_corrupt_first_record_leaves_empty_log(tmp_path, opened):
+    recs = records(2)
+    data = bytearray(write_log(tmp_path, recs))
+    data[-1] ^= 0xFF
+    data[len(LOG_MAGIC) + RECORD_HEADER.size] ^= 0xFF
+    (tmp_path / LOG_FILE).write_bytes(bytes(data))
+    assert reread(tmp_path, opened) == []
+    assert log_bytes(tmp_path) == LOG_MAGIC
+
+
+@pytest.mark.parametrize("content", [b"P2PMLOG2\n" + frame(b"x"), b"not a log at all", b"P2PML"],
+                         ids=["other-version", "garbage", "short"])
+def test_wrong_header_raises_naming_the_file(tmp_path, opened, content):
+    (tmp_path / LOG_FILE).write_bytes(content)
+    d = opened(tmp_path)
+    with pytest.raises(StoreError) as info:
+        d.read_log()
+    assert str(tmp_path / LOG_FILE) in str(info.value)
+    assert (tmp_path / LOG_FILE).read_bytes() == content  # someone else's file is left alone
+
+
+async def test_concurrent_commits(tmp_path, opened):
+    d = opened(tmp_path)
+    d.read_log()
+    rng = random.Random(1234)
+    n_tasks, per_task = 60, 3
+    done = []
+
+    async def worker(i: int) -> None:
+        for k in range(per_task):
+            record = f"task {i:03d} record {k}".encode()
+            d.append([record])
+            if rng.random() < 0.5:
+                await asyncio.sleep(0)
+            await d.commit()
+            # commit() returned: this record is durable now.
+            assert frame(record) in reread_bytes_after_magic(tmp_path)
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)
+        done.append(i)
+
+    await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(n_tasks))), timeout=30)
+    assert sorted(done) == list(range(n_tasks))
+    opened.close(d)
+    got = reread(tmp_path, opened)
+    expected = {f"task {i:03d} record {k}".encode() for i in range(n_tasks) for k in range(per_task)}
+    assert len(got) == len(expected)  # nothing written twice
+    assert set(got) == expected
+    for i in range(n_tasks):  # each task's records in its own order
+        mine = [r for r in got if r.startswith(f"task {i:03d} ".encode())]
+        assert mine == sorted(mine)
+
+
+async def test_concurrent_commits_share_writes(tmp_path, opened):
+    """Group commit: callers that arrive while a write is in flight are served by one more write."""
+    d = opened(tmp_path)
+    d.read_log()
+    d.append([b"first"])
+    first = asyncio.create_task(d.commit())
+    await asyncio.sleep(0)  # first is now writing
+    assert d._commit is not None
+    followers = []
+    for i in range(20):
+        d.append([f"follower {i}".encode()])
+        followers.append(asyncio.create_task(d.commit()))
+    await asyncio.wait_for(asyncio.gather(first, *followers), timeout=10)
+    opened.close(d)
+    assert reread(tmp_path, opened) == [b"first"] + [f"follower {i}".encode() for i in range(20)]
+
+
+@pytest.mark.parametrize("content", [b"", LOG_MAGIC[:4]], ids=["empty", "torn-magic"])
+@pytest.mark.xfail(strict=True, reason="BUG: store.py read_log: a log whose header write was torn by a crash "
+                   "(empty file or a prefix of LOG_MAGIC) is refused as 'not a p2pml v1 message log' "
+                   "instead of being treated as an empty log, so the node cannot restart")
+def test_log_torn_during_creation_starts_empty(tmp_path, opened, content):
+    (tmp_path / LOG_FILE).write_bytes(content)
+    assert opened(tmp_path).read_log() == []
+    assert log_bytes(tmp_path) == LOG_MAGIC
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: store.py DataDir.commit: when the task leading a group commit is "
+                   "cancelled, its CancelledError is set on the shared future, so every other caller waiting "
+                   "in commit() ends cancelled too (its records not made durable), and _commit is cleared "
+                   "while the cancelled write is still running in its thread")
+async def test_cancelled_committer_does_not_cancel_the_others(tmp_path, opened):
+    d = opened(tmp_path)
+    d.read_log()
+    d.append([b"leader"])
+    leader = asyncio.create_task(d.commit())
+    await asyncio.sleep(0)  # the leader's write is now in flight
+    d.append([b"follower"])
+    follower = asyncio.create_task(d.commit())
+    await asyncio.sleep(0)  # the follower waits for the leader's write
+    leader.cancel()
+    results = await asyncio.gather(leader, follower, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    # Let the leader's (uncancellable) write in its thread finish before anything else.
+    for _ in range(500):
+        if frame(b"leader") in reread_bytes_after_magic(tmp_path):
+            break
+        await asyncio.sleep(0.01)
+    assert not follower.cancelled(), "a caller nobody cancelled ended cancelled"
+    assert results[1] is None
+    assert frame(b"follower") in reread_bytes_after_magic(tmp_path)
+
+
+# -- ledger view -------------------------------------------------------------------------------
+
+
+def test_write_ledger(tmp_path, opened):
+    d = opened(tmp_path)
+    view = {"peers": {"ab" * 16: {"name": "ada", "stake": 1000}}, "rounds": 3, "note": "ünïcode"}
+    d.write_ledger(view)
+    assert json.loads((tmp_path / LEDGER_FILE).read_text(encoding="utf-8")) == view
+    view2 = {"peers": {}, "rounds": 4}
+    d.write_ledger(view2)
+    assert json.loads((tmp_path / LEDGER_FILE).read_text(encoding="utf-8")) == view2
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- key file ----------------------------------------------------------------------------------
+
+
+def test_key_created_owner_only_and_reloaded(tmp_path, opened):
+    seed = bytes(range(32))
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return seed
+
+    d = opened(tmp_path)
+    assert d.load_or_create_seed(generate) == seed
+    path = tmp_path / KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_bytes() == seed
+    opened.close(d)
+
+    def must_not_generate():
+        raise AssertionError("an existing key must be loaded, not replaced")
+
+    d = opened(tmp_path)
+    assert d.load_or_create_seed(must_not_generate) == seed
+    assert calls == [1]
+    assert path.read_bytes() == seed
+
+
+def test_key_created_owner_only_despite_permissive_umask(tmp_path, opened):
+    old = os.umask(0)
+    try:
+        opened(tmp_path).load_or_create_seed(lambda: os.urandom(32))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / KEY_FILE).stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_key_readable_by_others_rejected(tmp_path, opened, mode):
+    d = opened(tmp_path)
+    d.load_or_create_seed(lambda: os.urandom(32))
+    path = tmp_path / KEY_FILE
+    os.chmod(path, mode)
+    with pytest.raises(StoreError) as info:
+        d.load_or_create_seed(lambda: os.urandom(32))
+    assert str(path) in str(info.value) and "chmod 600" in str(info.value)
+
+
+@pytest.mark.parametrize("size", [0, 31, 33, 64])
+def test_damaged_key_rejected(tmp_path, opened, size):
+    path = tmp_path / KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"k" * size)
+    d = opened(tmp_path)
+    with pytest.raises(StoreError) as info:
+        d.load_or_create_seed(lambda: os.urandom(32))
+    assert str(path) in str(info.value) and f"{size} bytes" in str(info.value)
+    assert path.read_bytes() == b"k" * size  # not overwritten
+
+
+# -- lock ----------------------------------------------------------------------------------------
+
+
+def test_second_data_dir_refused_while_open(tmp_path, opened):
+    first = opened(tmp_path)
+    with pytest.raises(StoreError, match="in use"):
+        DataDir(tmp_path)
+    with pytest.raises(StoreError) as info:
+        DataDir(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    opened.close(first)
+    second = opened(tmp_path)
+    assert second.read_log() == []
+    with pytest.raises(StoreError, match="in use"):
+        DataDir(tmp_path)
+
+
+def test_lock_is_per_directory(tmp_path, opened):
+    opened(tmp_path / "one")
+    opened(tmp_path / "two")  # a different directory is not blocked
+
+
+def test_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_data_dir(8003) == tmp_path / "p2pml" / "peer-8003"
+    assert default_data_dir(8003) != default_data_dir(8004)
