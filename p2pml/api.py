@@ -29,8 +29,8 @@ class BadInput(ValueError):
     pass
 
 
-def _number(name: str, value) -> float:
-    if isinstance(value, str):
+def _number(name: str, value, text: bool) -> float:
+    if text and isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
@@ -46,8 +46,9 @@ def _number(name: str, value) -> float:
     return value
 
 
-def parse_features(fields: dict, source: str) -> tuple[float, ...]:
-    """Either ``features`` (a list, or a comma-separated string) or the four named fields."""
+def parse_features(fields: dict, source: str, text: bool) -> tuple[float, ...]:
+    """Either ``features`` or the four named fields. ``text``: values are query-string text
+    (a JSON body must carry numbers, not strings)."""
     unknown = sorted(set(fields) - set(FEATURES) - {"features"})
     if unknown:
         raise BadInput(f"unknown {source} {unknown[0]!r}; expected 'features' or "
@@ -56,18 +57,18 @@ def parse_features(fields: dict, source: str) -> tuple[float, ...]:
         if set(fields) & set(FEATURES):
             raise BadInput("give either 'features' or the four named features, not both")
         raw = fields["features"]
-        if isinstance(raw, str):
-            raw = [x for x in raw.split(",")] if raw.strip() else []
+        if text and isinstance(raw, str):
+            raw = raw.split(",") if raw.strip() else []
         if not isinstance(raw, list):
             raise BadInput("'features' must be a list of 4 numbers")
         if len(raw) != len(FEATURES):
             raise BadInput(f"'features' has {len(raw)} values, but the model expects "
                            f"{len(FEATURES)}: {', '.join(FEATURES)}")
-        return tuple(_number(f"feature {i + 1} ({n})", x) for i, (x, n) in enumerate(zip(raw, FEATURES)))
+        return tuple(_number(f"feature {i + 1} ({n})", x, text) for i, (x, n) in enumerate(zip(raw, FEATURES)))
     missing = [n for n in FEATURES if n not in fields]
     if missing:
         raise BadInput(f"missing {source}(s): {', '.join(missing)}")
-    return tuple(_number(n, fields[n]) for n in FEATURES)
+    return tuple(_number(n, fields[n], text) for n in FEATURES)
 
 
 async def predict_get(request: web.Request) -> web.Response:
@@ -76,7 +77,7 @@ async def predict_get(request: web.Request) -> web.Response:
         if k in fields:
             raise BadInput(f"parameter {k!r} is given more than once")
         fields[k] = v
-    return await _predict(request, parse_features(fields, "parameter"))
+    return await _predict(request, parse_features(fields, "parameter", text=True))
 
 
 async def predict_post(request: web.Request) -> web.Response:
@@ -94,7 +95,7 @@ async def predict_post(request: web.Request) -> web.Response:
         raise BadInput(f"body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadInput('body must be a JSON object like {"features": [5.1, 3.5, 1.4, 0.2]}')
-    return await _predict(request, parse_features(doc, "field"))
+    return await _predict(request, parse_features(doc, "field", text=False))
 
 
 async def _predict(request: web.Request, row: tuple[float, ...]) -> web.Response:
@@ -133,6 +134,10 @@ async def gossip(request: web.Request) -> web.Response:
     except WireError as exc:
         raise BadInput(str(exc)) from None
     result = await request.app[NODE].ingest(envs, request.remote or "?")
+    # A batch is judged message by message; only one with nothing usable at all is a 400.
+    if envs and result["rejected"] == len(envs):
+        return web.json_response({"error": f"every message was rejected: {result['errors'][0]}",
+                                  **result}, status=400)
     return web.json_response(result)
 
 

@@ -30,6 +30,7 @@ BUCKETS = 256
 MAX_SYNC_BUCKETS = 64  # buckets answered per /sync: bounds one answer to ~64 x ids-per-bucket
 MAX_SYNC_IDS = 32 * 1024  # ids per /sync answer (1 MiB of ids)
 MAX_RESPONSE_BYTES = 2 * MAX_BATCH_BYTES  # the most this node reads of any peer's answer
+MAX_PUSH_BYTES = 512 * 1024  # one push POST; aiohttp streams larger bodies less well
 MAX_OUTBOX = 8 * MAX_BATCH_MESSAGES  # envelopes queued for one peer; older ones are dropped
 FETCHES_PER_SYNC = 8  # fetch requests one reconciliation may make (catch-up speed vs fairness)
 BACKOFF_BASE_S = 0.1
@@ -193,8 +194,12 @@ class Gossip:
             await link.wake.wait()
             link.wake.clear()
             while link.outbox and link.up:
-                batch = link.outbox[:MAX_BATCH_MESSAGES]
-                del link.outbox[: len(batch)]
+                n = size = 0
+                while n < min(len(link.outbox), MAX_BATCH_MESSAGES) and size < MAX_PUSH_BYTES:
+                    size += len(link.outbox[n])
+                    n += 1
+                batch = link.outbox[:n]
+                del link.outbox[:n]
                 await self._post(link, "/gossip", pack_batch(batch))
 
     # -- anti-entropy ---------------------------------------------------------------------------

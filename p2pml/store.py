@@ -95,12 +95,13 @@ class DataDir:
         """All intact records; a damaged tail is logged and truncated away."""
         path = self.path / LOG_FILE
         if not path.exists():
-            with open(path, "wb") as f:
-                f.write(LOG_MAGIC)
-                f.flush()
-                os.fsync(f.fileno())
+            write_atomic(path, LOG_MAGIC)
             return []
         data = path.read_bytes()
+        if len(data) < len(LOG_MAGIC) and LOG_MAGIC.startswith(data):
+            log.warning("%s was torn while being created; starting it again", path)
+            write_atomic(path, LOG_MAGIC)
+            return []
         if not data.startswith(LOG_MAGIC):
             raise StoreError(f"{path} is not a p2pml v1 message log (unknown header "
                              f"{data[:len(LOG_MAGIC)]!r}); move it away to start empty")
@@ -142,22 +143,22 @@ class DataDir:
         os.fsync(f.fileno())
 
     async def commit(self) -> None:
-        """Make everything appended so far durable. Concurrent callers share one fsync."""
-        while self._commit is not None:
-            await asyncio.shield(self._commit)
+        """Make everything appended so far durable. Concurrent callers share one fsync; the
+        write runs in its own task, so a caller that is cancelled cancels nobody else's commit."""
+        while (inflight := self._commit) is not None and not inflight.done():
+            await asyncio.shield(inflight)  # a write is in flight, and ours may not be in it
         if not self._pending:
             return
-        self._commit = asyncio.get_running_loop().create_future()
-        try:
-            records, self._pending = self._pending, []
-            await asyncio.to_thread(self._write, records)
-            self._commit.set_result(None)
-        except BaseException as exc:
-            self._commit.set_exception(exc)
-            self._commit.exception()  # retrieved: only the waiters above need to see it
-            raise
-        finally:
+        records, self._pending = self._pending, []
+        self._commit = asyncio.ensure_future(asyncio.to_thread(self._write, records))
+        self._commit.add_done_callback(self._committed)
+        await asyncio.shield(self._commit)
+
+    def _committed(self, fut: asyncio.Future) -> None:
+        if self._commit is fut:
             self._commit = None
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("writing %s failed: %s", self.path / LOG_FILE, fut.exception())
 
     def commit_now(self) -> None:
         """Synchronous commit, for start-up and shutdown."""

@@ -307,6 +307,7 @@ BAD_BODIES = {
     "proba too many": ["votes", 1, [[RID, 0, [PROBA_ONE, 0, 0, 0]]]],
     "proba not a list": ["votes", 1, [[RID, 0, PROBA_ONE]]],
     "second vote bad": ["votes", 1, [GOOD_VOTE, [RID, 9, [PROBA_ONE, 0, 0]]]],
+    "two votes one round": ["votes", 1, [GOOD_VOTE, [RID, 1, [0, PROBA_ONE, 0]]]],
 }
 
 

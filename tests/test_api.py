@@ -1,0 +1,237 @@
+"""The public HTTP API of a real node process: answers, and every kind of bad input rejected
+with a 4xx JSON error that names the problem, leaving what was accepted untouched."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+
+import aiohttp
+import msgpack
+import pytest
+
+from p2pml.cluster import LocalCluster, free_ports, write_network
+from p2pml.ledger import Query
+from p2pml.wire import MAX_BATCH_BYTES, Identity, pack_batch
+
+GOOD = {"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4", "petal_width": "0.2"}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    peers = write_network(tmp / "peers.toml", free_ports(2), query_timeout_ms=200)
+    cluster = LocalCluster(peers, tmp / "data")
+    cluster.start()
+    try:
+        cluster.wait_healthy()
+        cluster.wait_registered()
+        yield cluster.url(cluster.names[0])
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def get(http, url, params=None):
+    async with http.get(url, params=params) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def post(http, url, data, content_type="application/json"):
+    if isinstance(data, (bytes, bytearray)) and len(data) > 2**19:
+        data = io.BytesIO(data)  # aiohttp warns about large raw bodies
+    async with http.post(url, data=data, headers={"Content-Type": content_type}) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def test_predict_three_ways_agree(node, http):
+    s1, a = await get(http, node + "/predict", GOOD)
+    s2, b = await get(http, node + "/predict", {"features": "5.1,3.5,1.4,0.2"})
+    s3, c = await post(http, node + "/predict", json.dumps({"features": [5.1, 3.5, 1.4, 0.2]}))
+    assert (s1, s2, s3) == (200, 200, 200)
+    assert a["prediction"] == b["prediction"] == c["prediction"] == "setosa"
+    assert len({a["round"], b["round"], c["round"]}) == 3
+    for r in (a, b, c):
+        assert len(r["votes"]) == 2 and r["complete"] is True
+        assert {"peer", "prediction", "weight", "signature"} <= set(r["votes"][0])
+        assert len(r["ledger_root"]) == 64
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({}, "missing parameter(s): sepal_length"),
+    ({**GOOD, "colour": "red"}, "unknown parameter 'colour'"),
+    ({k: v for k, v in GOOD.items() if k != "petal_width"}, "missing parameter(s): petal_width"),
+    ({**GOOD, "sepal_width": "abc"}, "sepal_width must be a number"),
+    ({**GOOD, "sepal_width": "nan"}, "sepal_width must be finite"),
+    ({**GOOD, "sepal_width": "inf"}, "sepal_width must be finite"),
+    ({**GOOD, "sepal_width": "-1e309"}, "sepal_width must be finite"),
+    ({**GOOD, "sepal_width": "-2"}, "sepal_width must be between 0 and 100"),
+    ({**GOOD, "sepal_width": ""}, "sepal_width must be a number"),
+    ({"features": "5.1,3.5,1.4"}, "has 3 values, but the model expects 4"),
+    ({"features": "5.1,3.5,1.4,0.2,9"}, "has 5 values"),
+    ({"features": ""}, "has 0 values"),
+    ({"features": "5.1,3.5,x,0.2"}, "feature 3 (petal_length) must be a number"),
+    ({"features": "5.1,3.5,1.4,0.2", "sepal_length": "5"}, "not both"),
+])
+async def test_predict_get_rejects(node, http, params, needle):
+    status, body = await get(http, node + "/predict", params)
+    assert status == 400
+    assert needle in body["error"]
+
+
+async def test_predict_get_rejects_repeated_parameter(node, http):
+    async with http.get(node + "/predict?" + "&".join(f"{k}={v}" for k, v in GOOD.items())
+                        + "&sepal_length=6") as r:
+        assert r.status == 400
+        assert "more than once" in (await r.json())["error"]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("{not json", "not valid JSON"),
+    ("[5.1, 3.5, 1.4, 0.2]", "must be a JSON object"),
+    ('{"features": [5.1, 3.5, 1.4]}', "has 3 values"),
+    ('{"features": ["5.1", 3.5, 1.4, 0.2]}', "must be a number, got str"),
+    ('{"features": [true, 3.5, 1.4, 0.2]}', "must be a number, got bool"),
+    ('{"features": [NaN, 3.5, 1.4, 0.2]}', "must be finite"),
+    ('{"features": [Infinity, 3.5, 1.4, 0.2]}', "must be finite"),
+    ('{"features": "5.1,3.5,1.4,0.2"}', "must be a list"),
+    ('{"features": [5.1, 3.5, 1.4, 0.2], "extra": 1}', "unknown field 'extra'"),
+    ('{"sepal_length": 5.1}', "missing field(s): sepal_width"),
+    ('{"features": [[5.1], 3.5, 1.4, 0.2]}', "must be a number, got list"),
+])
+async def test_predict_post_rejects(node, http, body, needle):
+    status, answer = await post(http, node + "/predict", body)
+    assert status == 400
+    assert needle in answer["error"]
+
+
+async def test_predict_post_wrong_type_and_size(node, http):
+    status, answer = await post(http, node + "/predict", "features=1", "text/plain")
+    assert status == 415 and "application/json" in answer["error"]
+    big = json.dumps({"features": [5.1, 3.5, 1.4, 0.2], "pad": "x" * 10_000})
+    status, answer = await post(http, node + "/predict", big)
+    assert status == 413 and "error" in answer
+    status, answer = await post(http, node + "/predict", b"x" * (MAX_BATCH_BYTES + 10))
+    assert status == 413
+
+
+async def test_gossip_rejects_and_loses_nothing(node, http):
+    _, before = await get(http, node + "/ledger")
+    ident = Identity.generate()
+    forged = ident.sign(bytes.fromhex(before["genesis"]), Query(1, ((5.0, 3.0, 1.0, 0.1),))).raw
+    tampered = bytearray(forged)
+    tampered[-1] ^= 1
+    other_net = ident.sign(b"\0" * 32, Query(1, ((5.0, 3.0, 1.0, 0.1),))).raw
+    cases = [
+        (b"\x00\x01garbage", "application/msgpack", 400, "not valid msgpack"),
+        (b"\xdd\xff\xff\xff\xff", "application/msgpack", 400, "limits"),
+        (b"\x91" * 100_000, "application/msgpack", 400, "msgpack"),
+        (msgpack.packb({"a": 1}), "application/msgpack", 400, "max_map_len"),
+        (msgpack.packb(7), "application/msgpack", 400, "array of envelopes"),
+        (pack_batch([bytes(tampered)]), "application/msgpack", 400, "bad signature"),
+        (pack_batch([other_net]), "application/msgpack", 400, "bad signature"),
+        (pack_batch([b"\x93\xc4\x01x\xc4\x01y\xc4\x01z"]), "application/msgpack", 400, "key must be 32"),
+        (pack_batch([forged]), "application/json", 415, "application/msgpack"),
+        (b"\x90" + b"\0" * (MAX_BATCH_BYTES + 1), "application/msgpack", 413, ""),
+    ]
+    for data, ctype, status, needle in cases:
+        t0 = time.perf_counter()
+        got, answer = await post(http, node + "/gossip", data, ctype)
+        assert time.perf_counter() - t0 < 1.0
+        assert got == status, (data[:20], answer)
+        assert needle in answer["error"]
+    # A forged query from an unknown key is well-formed and validly signed: held but inert.
+    _, after = await get(http, node + "/ledger")
+    assert after["peers"] == before["peers"]
+    status, answer = await get(http, node + "/health")
+    assert status == 200
+
+
+async def test_unknown_routes_and_methods_are_json(node, http):
+    status, body = await get(http, node + "/nope")
+    assert status == 404 and "error" in body
+    async with http.delete(node + "/predict") as r:
+        assert r.status == 405 and "error" in await r.json()
+    status, body = await get(http, node + "/message/zz")
+    assert status == 400 and "64 hex digits" in body["error"]
+    status, body = await get(http, node + "/message/" + "ab" * 32)
+    assert status == 404
+    for path in ("/sync", "/fetch"):
+        status, body = await post(http, node + path, b"\xc1", "application/msgpack")
+        assert status == 400 and "error" in body
+
+
+async def test_vote_signatures_verify_for_a_client(node, http):
+    """A client can check who voted what under whose signature, from the answer alone."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from p2pml.ledger import peer_id
+    from p2pml.wire import DOMAIN, Verifier
+
+    _, answer = await get(http, node + "/predict", GOOD)
+    _, view = await get(http, node + "/ledger")
+    genesis = bytes.fromhex(view["genesis"])
+    for vote in answer["votes"]:
+        _, msg = await get(http, node + "/message/" + vote["message"])
+        key, body, sig = bytes.fromhex(msg["key"]), bytes.fromhex(msg["body"]), bytes.fromhex(msg["signature"])
+        assert sig.hex() == vote["signature"] and peer_id(key) == vote["peer"]
+        Ed25519PublicKey.from_public_bytes(key).verify(sig, DOMAIN + genesis + key + body)
+        opened = Verifier(genesis).open(bytes.fromhex(msg["envelope"])).msg
+        assert any(v.round.hex() == answer["round"] for v in opened.body.votes)
+
+
+def run_cli(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "p2pml.node", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_cli_errors_are_clear(tmp_path):
+    peers = write_network(tmp_path / "peers.toml", free_ports(1))
+    r = run_cli("--port", "1", "--peers", str(peers), "--data-dir", str(tmp_path / "d"))
+    assert r.returncode == 2 and "no peer in the network has port 1" in r.stderr
+    r = run_cli("--port", "8001", "--peers", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "missing.toml: no such file" in r.stderr
+    (tmp_path / "bad.toml").write_text("[[peer]]\nname='a'\nport=8001\nmodel='tree'\n")
+    r = run_cli("--port", "8001", "--peers", str(tmp_path / "bad.toml"))
+    assert r.returncode == 2 and "model 'tree'" in r.stderr
+    r = run_cli("--port", "x")
+    assert r.returncode == 2 and "invalid int value" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_default_data_dir_and_key(tmp_path):
+    import os
+
+    peers = write_network(tmp_path / "peers.toml", free_ports(1))
+    port = int(peers.read_text().split("port = ")[1].split()[0])
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    r = run_cli("--port", str(port), "--peers", str(peers), "--show-key", env=env)
+    assert r.returncode == 0, r.stderr
+    key_file = tmp_path / "xdg" / "p2pml" / f"peer-{port}" / "node.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    again = run_cli("--port", str(port), "--peers", str(peers), "--show-key", env=env)
+    assert again.stdout == r.stdout and len(r.stdout.strip()) == 64
+
+
+def test_second_process_on_same_data_dir_refuses(node, tmp_path):
+    data = tmp_path.parent  # not the node's: make our own running node first
+    peers = write_network(tmp_path / "peers.toml", free_ports(1))
+    cluster = LocalCluster(peers, tmp_path / "data")
+    cluster.start()
+    try:
+        cluster.wait_healthy()
+        port = cluster.net.peers[0].port
+        r = run_cli("--port", str(port), "--peers", str(peers), "--data-dir",
+                    str(tmp_path / "data" / cluster.names[0]))
+        assert r.returncode == 2 and "in use by another running node" in r.stderr
+    finally:
+        cluster.stop()
+    del data
