@@ -1,0 +1,80 @@
+"""End to end: five real node processes on loopback, two of them misbehaving, one killed."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import aiohttp
+from sklearn.datasets import load_iris
+
+from p2pml.ledger import DEPOSIT
+
+HONEST = ("ada", "bo", "cy")
+
+
+async def ask(cluster, rows, concurrency: int = 4, targets=None) -> list[tuple[int, dict, float]]:
+    """Send each row to a peer in turn, ``concurrency`` at a time; (status, body, seconds)."""
+    targets = targets or cluster.names
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(session, i, row):
+        url = cluster.url(targets[i % len(targets)]) + "/predict"
+        async with sem:
+            t0 = time.perf_counter()
+            async with session.post(url, json={"features": [float(x) for x in row]}) as r:
+                return r.status, await r.json(), time.perf_counter() - t0
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        return await asyncio.gather(*(one(session, i, row) for i, row in enumerate(rows)))
+
+
+async def test_two_misbehaving_peers_lose_stake_and_the_network_stays_right(make_cluster):
+    cluster = make_cluster(5, behaviors={"di": "random", "ed": "constant"})
+    iris = load_iris()
+    order = list(range(len(iris.target)))
+    random.Random(7).shuffle(order)
+    picked = order[:90]
+    answers = await ask(cluster, iris.data[picked])
+
+    assert all(status == 200 for status, _, _ in answers)
+    assert min(len(body["votes"]) for _, body, _ in answers) >= 4
+    right = sum(body["prediction"] == iris.target_names[iris.target[i]]
+                for i, (_, body, _) in zip(picked, answers))
+    assert right / len(picked) >= 0.9, f"consensus accuracy {right}/{len(picked)}"
+
+    ledgers = cluster.wait_converged(timeout=10)
+    assert len(ledgers) == 5
+    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    for name, lg in ledgers.items():
+        peers = {p["name"]: p for p in lg["peers"].values()}
+        assert lg["rounds"] >= 90
+        for h in HONEST:
+            assert peers[h]["stake"] == DEPOSIT and peers[h]["slashed"] == 0, (name, peers[h])
+        for bad in ("di", "ed"):
+            assert peers[bad]["stake"] < DEPOSIT, (name, bad, peers[bad])
+            assert peers[bad]["stake"] < min(peers[h]["stake"] for h in HONEST)
+            assert peers[bad]["weight"] < min(peers[h]["weight"] for h in HONEST)
+        assert sum(p["stake"] for p in peers.values()) + lg["burned"] == 5 * DEPOSIT
+
+    # A killed peer does not block queries, and is not slashed for its absence.
+    cluster.kill("cy")
+    alive = ["ada", "bo", "di", "ed"]
+    later = await ask(cluster, iris.data[order[90:100]], concurrency=1, targets=alive)
+    assert all(status == 200 for status, _, _ in later)
+    assert all(len(body["votes"]) >= 4 for _, body, _ in later)
+    assert max(seconds for _, _, seconds in later) < 2.0
+    assert sorted(seconds for _, _, seconds in later)[len(later) // 2] < 0.3  # median: no waiting
+    ledgers = cluster.wait_converged(timeout=10, names=alive)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    for lg in ledgers.values():
+        cy = next(p for p in lg["peers"].values() if p["name"] == "cy")
+        assert cy["stake"] == DEPOSIT and cy["status"] == "active"
+
+    # Restarted, it rebuilds from its log, catches up, and agrees with everyone.
+    cluster.start("cy")
+    cluster.wait_healthy(names=["cy"])
+    ledgers = cluster.wait_converged(timeout=20)
+    assert len(ledgers) == 5 and len({lg["root"] for lg in ledgers.values()}) == 1
+    assert all(lg["rounds"] >= 100 for lg in ledgers.values())
