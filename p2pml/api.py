@@ -16,7 +16,7 @@ from aiohttp import web
 from p2pml.gossip import MSGPACK, PEER_HEADER
 from p2pml.model import FEATURES
 from p2pml.service import Node, Overloaded
-from p2pml.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, WireError, unpack_batch
+from p2pml.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MSGPACK_ERRORS, WireError, unpack_batch
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ async def sync(request: web.Request) -> web.Response:
         theirs = msgpack.unpackb(data, max_array_len=256, max_map_len=0, max_str_len=0,
                                  max_bin_len=32, max_ext_len=0)
         answer = node.gossip.answer_sync(theirs)
-    except Exception as exc:
+    except MSGPACK_ERRORS as exc:
         raise BadInput(f"/sync takes a msgpack digest: {exc}") from None
     return web.Response(body=answer, content_type=MSGPACK)
 
@@ -159,7 +159,7 @@ async def fetch(request: web.Request) -> web.Response:
         ids = msgpack.unpackb(data, max_array_len=MAX_BATCH_MESSAGES, max_map_len=0,
                               max_str_len=0, max_bin_len=32, max_ext_len=0)
         answer = request.app[NODE].gossip.answer_fetch(ids)
-    except Exception as exc:
+    except MSGPACK_ERRORS as exc:
         raise BadInput(f"/fetch takes a msgpack list of message ids: {exc}") from None
     return web.Response(body=answer, content_type=MSGPACK)
 

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from p2pml.config import MODEL_KINDS, NetworkConfig, load
 
@@ -81,11 +82,10 @@ class LocalCluster:
                    "--peers", str(self.peers_file), "--data-dir", str(data),
                    "--behavior", self.behaviors.get(peer.name, "honest"),
                    "--log-level", self.log_level]
-            logf = open(self.data_root / f"{peer.name}.log", "ab")
-            self.procs[peer.name] = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)  # Ctrl-C in a terminal reaches us, and we stop them
-            logf.close()
+            with open(self.data_root / f"{peer.name}.log", "ab") as logf:
+                self.procs[peer.name] = subprocess.Popen(
+                    cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True)  # Ctrl-C in a terminal reaches us, and we stop them
 
     def wait_healthy(self, timeout: float = 60.0, names: list[str] | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -162,7 +162,7 @@ class LocalCluster:
                 return ledgers
             time.sleep(0.1)
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,7 +21,15 @@ import aiohttp
 import msgpack
 
 from p2pml.config import PeerConfig
-from p2pml.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, WireError, pack, pack_batch, unpack_batch
+from p2pml.wire import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    MSGPACK_ERRORS,
+    WireError,
+    pack,
+    pack_batch,
+    unpack_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +190,7 @@ class Gossip:
                               path, bytes(body))
                     self._mark(link, True)
                     return None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             log.debug("peer %s failed %s: %r", link.cfg.name, path, exc)
             self._mark(link, False)
             return None
@@ -220,7 +228,7 @@ class Gossip:
     async def _reconcile_safely(self, link: Link) -> None:
         try:
             await self.reconcile(link)
-        except Exception:  # one bad exchange must not end anti-entropy
+        except Exception:
             log.exception("reconciliation with %s failed", link.cfg.name)
 
     async def reconcile(self, link: Link) -> None:
@@ -232,7 +240,7 @@ class Gossip:
                                               max_array_len=MAX_SYNC_IDS, max_str_len=0)
             if type(buckets) is not list or type(theirs) is not list:
                 raise ValueError("expected [buckets, ids]")
-        except Exception as exc:
+        except (*MSGPACK_ERRORS, TypeError) as exc:
             log.debug("peer %s sent a bad /sync answer: %r", link.cfg.name, exc)
             return
         their_ids = {i for i in theirs if type(i) is bytes}

@@ -18,7 +18,17 @@ import numpy as np
 from p2pml.config import NetworkConfig, PeerConfig
 from p2pml.gossip import Gossip, Holdings
 from p2pml.ledger import (
-    CLASSES, DEPOSIT, Ledger, Message, Query, Register, Vote, Votes, is_active, peer_id, round_id,
+    CLASSES,
+    DEPOSIT,
+    Ledger,
+    Message,
+    Query,
+    Register,
+    Vote,
+    Votes,
+    is_active,
+    peer_id,
+    round_id,
 )
 from p2pml.model import Model
 from p2pml.store import DataDir
@@ -219,7 +229,7 @@ class Node:
             if not expected <= self.ledger.voters(rid):
                 try:
                     await asyncio.wait_for(event.wait(), self.net.query_timeout_ms / 1000)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             del self._waiters[rid]

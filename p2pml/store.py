@@ -129,7 +129,7 @@ class DataDir:
 
     def _open_log(self):
         if self._log is None:
-            self._log = open(self.path / LOG_FILE, "ab")
+            self._log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - held open for appends
         return self._log
 
     def append(self, raws: list[bytes]) -> None:

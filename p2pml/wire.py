@@ -36,6 +36,10 @@ MAX_NAME_CHARS = 64
 MAX_LAMPORT = 2**53  # keeps lamport clocks exact in any JSON reader
 
 
+# What msgpack raises for bad input: ValueError (and its subclasses) or UnpackException.
+MSGPACK_ERRORS = (ValueError, msgpack.UnpackException)
+
+
 class WireError(ValueError):
     """A message or batch that is malformed, non-canonical, or badly signed."""
 
@@ -111,7 +115,7 @@ def decode_body(data: bytes) -> Register | Query | Votes:
             max_array_len=MAX_ITEMS, max_map_len=0, max_ext_len=0,
             max_str_len=MAX_NAME_CHARS * 4, max_bin_len=ROUND_BYTES,
         )
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
+    except MSGPACK_ERRORS as exc:
         raise WireError(f"body is not valid msgpack within limits: {exc}") from None
     fields = _list(obj, "body", 1, 4)
     kind = fields[0]
@@ -195,7 +199,7 @@ class Verifier:
         try:
             env = msgpack.unpackb(raw, max_array_len=3, max_map_len=0, max_str_len=0,
                                   max_ext_len=0, max_bin_len=MAX_BODY_BYTES)
-        except Exception as exc:
+        except MSGPACK_ERRORS as exc:
             raise WireError(f"envelope is not valid msgpack within limits: {exc}") from None
         return self.open_fields(env, raw)
 
@@ -238,7 +242,7 @@ def unpack_batch(data: bytes) -> list:
     try:
         batch = msgpack.unpackb(data, max_array_len=MAX_BATCH_MESSAGES, max_map_len=0,
                                 max_str_len=0, max_ext_len=0, max_bin_len=MAX_BODY_BYTES)
-    except Exception as exc:
+    except MSGPACK_ERRORS as exc:
         raise WireError(f"batch is not valid msgpack within limits: {exc}") from None
     if type(batch) is not list:
         raise WireError("a gossip batch is a msgpack array of envelopes")

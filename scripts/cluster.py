@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sklearn.datasets import load_iris  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from sklearn.datasets import load_iris
+from tqdm import tqdm
 
-from p2pml.cluster import LocalCluster, get_json  # noqa: E402
-from p2pml.config import ConfigError  # noqa: E402
-from p2pml.ledger import WEIGHT_ONE  # noqa: E402
+from p2pml.cluster import LocalCluster, get_json
+from p2pml.config import ConfigError
+from p2pml.ledger import WEIGHT_ONE
 
 BAD_BEHAVIORS = ("random", "constant")
 

@@ -190,7 +190,7 @@ async def test_vote_signatures_verify_for_a_client(node, http):
 
 def run_cli(*args, env=None, timeout=60):
     return subprocess.run([sys.executable, "-m", "p2pml.node", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=env, check=False)
 
 
 def test_cli_errors_are_clear(tmp_path):
