@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ def main() -> int:
         ap.error(f"--byzantine must be between 0 and {len(cluster.names)}")
     bad = cluster.names[len(cluster.names) - args.byzantine:] if args.byzantine else []
     cluster.behaviors = {n: BAD_BEHAVIORS[i % 2] for i, n in enumerate(bad)}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the peers on SIGTERM too
     print(f"starting {len(cluster.names)} peers (state and logs in {data_root})")
     try:
         cluster.start()
