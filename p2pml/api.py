@@ -117,7 +117,8 @@ async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     return web.json_response({"status": "ok", "peer": node.id, "name": node.me.name,
                               "model": node.me.model, "behavior": node.model.behavior,
-                              "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable())})
+                              "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
+                              "intake": node.stats, "pushes": node.gossip.pushes})
 
 
 async def _msgpack_body(request: web.Request):

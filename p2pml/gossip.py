@@ -38,6 +38,7 @@ BUCKETS = 256
 MAX_SYNC_BUCKETS = 64  # buckets answered per /sync: bounds one answer to ~64 x ids-per-bucket
 MAX_SYNC_IDS = 32 * 1024  # ids per /sync answer (1 MiB of ids)
 MAX_RESPONSE_BYTES = 2 * MAX_BATCH_BYTES  # the most this node reads of any peer's answer
+LAZY_PUSH_S = 0.05  # how long a message that nobody is waiting for may wait to share a push
 MAX_PUSH_BYTES = 512 * 1024  # one push POST; aiohttp streams larger bodies less well
 MAX_OUTBOX = 8 * MAX_BATCH_MESSAGES  # envelopes queued for one peer; older ones are dropped
 FETCHES_PER_SYNC = 8  # fetch requests one reconciliation may make (catch-up speed vs fairness)
@@ -100,6 +101,7 @@ class Link:
         self.cfg = cfg
         self.outbox: list[bytes] = []
         self.wake = asyncio.Event()
+        self.timer: asyncio.TimerHandle | None = None
         self.up = True
         self.failures = 0
         self.retry_at = 0.0
@@ -121,6 +123,7 @@ class Gossip:
         self._interval = interval_ms / 1000
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
+        self.pushes = 0
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=self._timeout,
@@ -146,17 +149,27 @@ class Gossip:
     def reachable(self) -> set[str]:
         return {name for name, link in self.links.items() if link.up}
 
-    def broadcast(self, raws: list[bytes]) -> None:
-        for link in self.links.values():
+    def broadcast(self, raws: list[bytes], urgent_to: set[str] | None = None) -> None:
+        """Push to every reachable peer: now to ``urgent_to`` (default: all), to the others
+        within LAZY_PUSH_S, sharing the push with whatever else queues meanwhile."""
+        for name, link in self.links.items():
             if link.up:
-                self._enqueue(link, raws)
+                self._enqueue(link, raws, urgent_to is None or name in urgent_to)
 
-    def _enqueue(self, link: Link, raws: list[bytes]) -> None:
+    def _enqueue(self, link: Link, raws: list[bytes], urgent: bool = True) -> None:
         link.outbox.extend(raws)
         excess = len(link.outbox) - MAX_OUTBOX
         if excess > 0:
             del link.outbox[:excess]
             link.dropped += excess
+        if urgent:
+            link.wake.set()
+        elif link.timer is None:
+            link.timer = asyncio.get_running_loop().call_later(LAZY_PUSH_S, self._lazy_due, link)
+
+    @staticmethod
+    def _lazy_due(link: Link) -> None:
+        link.timer = None
         link.wake.set()
 
     # -- transport ------------------------------------------------------------------------------
@@ -208,6 +221,7 @@ class Gossip:
                     n += 1
                 batch = link.outbox[:n]
                 del link.outbox[:n]
+                self.pushes += 1
                 await self._post(link, "/gossip", pack_batch(batch))
 
     # -- anti-entropy ---------------------------------------------------------------------------

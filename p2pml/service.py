@@ -37,6 +37,7 @@ from p2pml.wire import MAX_ITEMS, Identity, Signed, Verifier, WireError
 log = logging.getLogger(__name__)
 
 LEDGER_WRITE_INTERVAL_S = 1.0  # ledger.json is a view: rewritten at most this often
+INLINE_ROWS = 8  # model calls on at most this many rows run on the loop (about 1-4 ms)
 MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
 
 
@@ -62,12 +63,13 @@ class Node:
         self._lamport = 0
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
         self._query_wake = asyncio.Event()
-        self._to_vote: list[tuple[bytes, tuple[float, ...]]] = []
+        self._to_vote: list[tuple[bytes, tuple[float, ...], bytes]] = []  # round, row, issuer
+        self._names: dict[bytes, str] = {}  # key -> seat name, from registrations: for routing
         self._vote_wake = asyncio.Event()
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
         self._tasks: list[asyncio.Task] = []
         self._written_root = ""
-        self.rejected = 0
+        self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0}
         self._load()
 
     # -- start-up and shutdown ------------------------------------------------------------------
@@ -122,8 +124,10 @@ class Node:
         if log_it:
             self.data.append([signed.raw])
         body = msg.body
-        if isinstance(body, Query):
-            self._to_vote.extend((round_id(msg.id, i), row) for i, row in enumerate(body.items))
+        if isinstance(body, Register):
+            self._names[msg.author] = body.name
+        elif isinstance(body, Query):
+            self._to_vote.extend((round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items))
             self._vote_wake.set()
         elif isinstance(body, Votes):
             for vote in body.votes:
@@ -152,8 +156,10 @@ class Node:
             rejected += 1
             if len(errors) < 8:
                 errors.append(reason)
+        for key, n in (("batches", 1), ("accepted", accepted), ("duplicate", duplicate),
+                       ("rejected", rejected)):
+            self.stats[key] += n
         if rejected:
-            self.rejected += rejected
             log.debug("from %s: rejected %d of %d: %s", source, rejected, len(envs), errors)
         await self.data.commit()
         return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
@@ -164,13 +170,19 @@ class Node:
         self._lamport = max(self._lamport, self.ledger.lamport) + 1
         return self._lamport
 
-    async def _publish(self, signed: Signed) -> None:
-        """Hold, make durable, then send: nothing this node signed is sent before it is on disk."""
+    async def _publish(self, signed: Signed, urgent_to: set[str] | None = None,
+                       durable_first: bool = True) -> None:
+        """Hold, send, and make durable. A vote is on disk before it is sent, so no restart can
+        lead this node to sign a conflicting one; a query may travel while it is being written
+        (any query is valid), and is durable before this returns, so before any client hears of it."""
         reason = self._hold(signed)
         if reason:  # pragma: no cover - our own messages are built valid
             raise RuntimeError(f"own message rejected: {reason}")
+        if not durable_first:
+            self.gossip.broadcast([signed.raw], urgent_to)
         await self.data.commit()
-        self.gossip.broadcast([signed.raw])
+        if durable_first:
+            self.gossip.broadcast([signed.raw], urgent_to)
 
     async def _query_loop(self) -> None:
         while True:
@@ -183,7 +195,7 @@ class Node:
                 del self._queries[:MAX_ITEMS]
                 signed = self.identity.sign(
                     self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
-                await self._publish(signed)
+                await self._publish(signed, durable_first=False)
                 for i, (_, fut) in enumerate(batch):
                     if not fut.done():
                         fut.set_result(round_id(signed.msg.id, i))
@@ -197,14 +209,20 @@ class Node:
                 batch = self._to_vote[:MAX_ITEMS]
                 del self._to_vote[:MAX_ITEMS]
                 me = self.identity.key
-                batch = [(rid, row) for rid, row in batch if me not in self.ledger.voters(rid)]
+                batch = [item for item in batch if me not in self.ledger.voters(item[0])]
                 if not batch:
                     continue
-                rounds = [rid for rid, _ in batch]
-                rows = np.array([row for _, row in batch], dtype=np.float64)
-                results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
+                rounds = [rid for rid, _, _ in batch]
+                rows = np.array([row for _, row, _ in batch], dtype=np.float64)
+                if len(rows) <= INLINE_ROWS:  # a thread hop costs more than a small model call
+                    results = self.model.vote(rows, rounds)
+                else:
+                    results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
                 votes = tuple(Vote(rid, label, proba) for rid, (label, proba) in zip(rounds, results))
-                await self._publish(self.identity.sign(self.genesis_id, Votes(self._next_lamport(), votes)))
+                # The issuers are waiting for these votes; everyone else gets them lazily.
+                issuers = {self._names.get(issuer, "") for _, _, issuer in batch}
+                signed = self.identity.sign(self.genesis_id, Votes(self._next_lamport(), votes))
+                await self._publish(signed, urgent_to=issuers)
 
     # -- queries --------------------------------------------------------------------------------
 
