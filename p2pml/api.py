@@ -11,7 +11,7 @@ import logging
 import math
 
 import msgpack
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from p2pml.gossip import MSGPACK, PEER_HEADER
 from p2pml.model import FEATURES
@@ -142,6 +142,27 @@ async def gossip(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def gossip_ws(request: web.Request) -> web.WebSocketResponse:
+    """A peer's push stream: each binary frame is one gossip batch, handled like POST /gossip
+    (without an answer: what is lost is repaired by anti-entropy)."""
+    node = request.app[NODE]
+    source = request.headers.get(PEER_HEADER) or request.remote or "?"
+    ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES)
+    await ws.prepare(request)
+    node.gossip.heard_from(request.headers.get(PEER_HEADER))
+    async for msg in ws:
+        if msg.type != WSMsgType.BINARY:
+            await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary gossip batches only")
+            break
+        try:
+            envs = unpack_batch(msg.data)
+        except WireError as exc:
+            log.debug("bad batch from %s: %s", source, exc)
+            continue
+        await node.ingest(envs, source)
+    return ws
+
+
 async def sync(request: web.Request) -> web.Response:
     data = await _msgpack_body(request)
     node = request.app[NODE]
@@ -212,6 +233,7 @@ def make_app(node: Node) -> web.Application:
     app.router.add_get("/ledger", ledger)
     app.router.add_get("/health", health)
     app.router.add_post("/gossip", gossip)
+    app.router.add_get("/gossip/ws", gossip_ws)
     app.router.add_post("/sync", sync)
     app.router.add_post("/fetch", fetch)
     app.router.add_get("/message/{id}", message)

@@ -43,7 +43,7 @@ PROBA_ONE = 1_000_000  # class probabilities travel as integers in millionths
 STATUS_ACTIVE = "active"
 STATUS_EJECTED = "ejected"
 
-CHECKPOINT_EVERY = 32  # rounds between replay checkpoints (memory against replay time)
+CHECKPOINT_EVERY = 8  # rounds between replay checkpoints (memory against replay time)
 OUTCOMES_KEPT = 8192  # outcomes of the latest rounds kept for answering clients
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +293,8 @@ class Ledger:
         self._checkpoints: list[State] = []  # state before round CHECKPOINT_EVERY * i
         self._dirty: int | None = 0  # first position in _order not reflected in _state
         self._state = State()
+        self._root: str | None = None
+        self._members: dict[bytes, str] = {}  # key -> peer id, for the members of genesis_state
         self._outcomes: dict[bytes, Outcome] = {}
 
     # -- intake -------------------------------------------------------------------------------
@@ -363,7 +365,10 @@ class Ledger:
         return self._state
 
     def root(self) -> str:
-        return compute_root(self.state)
+        state = self.state
+        if self._root is None:
+            self._root = compute_root(state)
+        return self._root
 
     def outcome(self, rid: bytes) -> Outcome | None:
         self._settle()
@@ -393,6 +398,7 @@ class Ledger:
                 taken.add(msg.author)
                 state.peers[peer_id(msg.author)] = PeerState(name, msg.body.model, msg.author)
                 break
+        self._members = {p.key: pid for pid, p in state.peers.items()}
         return state
 
     def _settle(self) -> None:
@@ -409,6 +415,7 @@ class Ledger:
                 self._checkpoints.append(state.copy())
             self._process_round(state, self._order[pos][1])
         self._state = state
+        self._root = None
         self._dirty = None
         if len(self._outcomes) > 2 * OUTCOMES_KEPT:
             keep = {rid for _, rid in self._order[-OUTCOMES_KEPT:]}
@@ -417,9 +424,10 @@ class Ledger:
     def _process_round(self, state: State, rid: bytes) -> None:
         voters: list[tuple[PeerState, Vote, bytes]] = []
         for author, contents in sorted(self._votes.get(rid, {}).items()):
-            peer = state.peers.get(peer_id(author))
-            if peer is None or peer.key != author:
+            pid = self._members.get(author)
+            if pid is None:
                 continue  # not a member (yet): its vote waits, counted if it ever registers
+            peer = state.peers[pid]
             if len(contents) > 1:
                 first, second = sorted(contents.values())[:2]
                 slash_equivocation(state, peer, (rid.hex(), first.hex(), second.hex()))
@@ -433,7 +441,7 @@ class Ledger:
             return
         consensus = compute_consensus([(p, v) for p, v, _ in voters])
         counted = tuple(
-            CountedVote(peer_id(p.key), v.label, v.proba, p.weight, p.stake, mid)
+            CountedVote(self._members[p.key], v.label, v.proba, p.weight, p.stake, mid)
             for p, v, mid in voters
         )
         state.rounds += 1

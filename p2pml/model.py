@@ -46,6 +46,19 @@ def build(kind: str):
     raise ValueError(f"unknown model kind {kind!r}")
 
 
+def forest_proba(forest: RandomForestClassifier, rows: np.ndarray) -> np.ndarray:
+    """``forest.predict_proba(rows)``, computed by summing the trees directly.
+
+    The forest's own method dispatches every tree through joblib, which costs about 3.5 ms for
+    one row against about 0.25 ms for the trees themselves; the result is the same (tested)."""
+    x = np.ascontiguousarray(rows, dtype=np.float32)  # what the trees compare against
+    trees = forest.estimators_
+    total = trees[0].tree_.predict(x)[:, : forest.n_classes_].copy()
+    for tree in trees[1:]:
+        total += tree.tree_.predict(x)[:, : forest.n_classes_]
+    return total / len(trees)
+
+
 def _split():
     data = load_iris()
     return train_test_split(data.data, data.target, test_size=TEST_FRACTION,
@@ -69,10 +82,14 @@ class Model:
         self._key = key
         x_train, _, y_train, _ = _split()
         self.estimator = build(kind).fit(x_train, y_train)
+        if kind == "random_forest":
+            self.predict_proba = lambda rows: forest_proba(self.estimator, rows)
+        else:
+            self.predict_proba = self.estimator.predict_proba
 
     def vote(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]]:
         if self.behavior == "honest":
-            proba = self.estimator.predict_proba(rows)
+            proba = self.predict_proba(rows)
             labels = proba.argmax(axis=1)
             ppm = np.rint(proba * PROBA_ONE).astype(np.int64).clip(0, PROBA_ONE)
             return [(int(lab), tuple(int(p) for p in row)) for lab, row in zip(labels, ppm)]

@@ -161,6 +161,7 @@ class Node:
             self.stats[key] += n
         if rejected:
             log.debug("from %s: rejected %d of %d: %s", source, rejected, len(envs), errors)
+        await asyncio.sleep(0)  # let the votes this batch woke join the same fsync
         await self.data.commit()
         return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
 
@@ -198,7 +199,7 @@ class Node:
                 await self._publish(signed, durable_first=False)
                 for i, (_, fut) in enumerate(batch):
                     if not fut.done():
-                        fut.set_result(round_id(signed.msg.id, i))
+                        fut.set_result((round_id(signed.msg.id, i), signed.msg.id))
 
     async def _vote_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -239,7 +240,7 @@ class Node:
         fut = asyncio.get_running_loop().create_future()
         self._queries.append((row, fut))
         self._query_wake.set()
-        rid = await fut
+        rid, query_id = await fut
         expected = self.expected_voters()
         event = asyncio.Event()
         self._waiters[rid] = (expected, event)
@@ -251,9 +252,9 @@ class Node:
                     pass
         finally:
             del self._waiters[rid]
-        return self.answer(rid, expected)
+        return self.answer(rid, query_id, expected)
 
-    def answer(self, rid: bytes, expected: frozenset[bytes] = frozenset()) -> dict:
+    def answer(self, rid: bytes, query_id: bytes, expected: frozenset[bytes] = frozenset()) -> dict:
         outcome = self.ledger.outcome(rid)
         state = self.ledger.state
         votes, power_sum, proba_sum = [], 0, [0] * len(CLASSES)
@@ -276,6 +277,7 @@ class Node:
             "prediction": CLASSES[consensus] if consensus is not None else None,
             "probabilities": probabilities,
             "round": rid.hex(),
+            "query": query_id.hex(),
             "complete": bool(expected) and expected <= self.ledger.voters(rid),
             "votes": votes,
             "ledger_root": self.ledger.root(),
