@@ -9,35 +9,42 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from p2pml.gossip import MSGPACK, PEER_HEADER
 from p2pml.model import FEATURES
-from p2pml.service import Node, Overloaded
-from p2pml.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MSGPACK_ERRORS, WireError, unpack_batch
+from p2pml.service import Node, Unavailable
+from p2pml.wire import (
+    FEATURE_RANGE, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MSGPACK_ERRORS, WireError, unpack_batch,
+)
 
 log = logging.getLogger(__name__)
 
 NODE = web.AppKey("node", Node)
 MAX_PREDICT_BYTES = 4096  # a /predict body holds four numbers; anything near this is abuse
-FEATURE_RANGE = (0.0, 100.0)  # centimetres: Iris measurements are all well inside this
 
 
 class BadInput(ValueError):
     pass
 
 
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.I | re.A)
+
+
 def _number(name: str, value, text: bool) -> float:
     if text and isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise BadInput(f"{name} must be a number, got {value[:40]!r}") from None
+        if not NUMBER.fullmatch(value.strip()):
+            raise BadInput(f"{name} must be a number, got {value[:40]!r}")
+        value = float(value.strip())
     elif type(value) not in (int, float):
         raise BadInput(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise BadInput(f"{name} must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise BadInput(f"{name} must be finite, got {value}")
     lo, hi = FEATURE_RANGE
@@ -80,6 +87,13 @@ async def predict_get(request: web.Request) -> web.Response:
     return await _predict(request, parse_features(fields, "parameter", text=True))
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("a key appears more than once")
+    return doc
+
+
 async def predict_post(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(
@@ -90,9 +104,11 @@ async def predict_post(request: web.Request) -> web.Response:
     if len(body) > MAX_PREDICT_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_PREDICT_BYTES, len(body))
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInput(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadInput("body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadInput('body must be a JSON object like {"features": [5.1, 3.5, 1.4, 0.2]}')
     return await _predict(request, parse_features(doc, "field", text=False))
@@ -101,8 +117,8 @@ async def predict_post(request: web.Request) -> web.Response:
 async def _predict(request: web.Request, row: tuple[float, ...]) -> web.Response:
     try:
         result = await request.app[NODE].predict(row)
-    except Overloaded as exc:
-        raise web.HTTPServiceUnavailable(text=f"overloaded: {exc}", headers={"Retry-After": "1"})
+    except Unavailable as exc:
+        raise web.HTTPServiceUnavailable(text=str(exc), headers={"Retry-After": "1"}) from None
     if result["prediction"] is None:
         raise web.HTTPServiceUnavailable(text="no vote arrived in time; retry",
                                          headers={"Retry-After": "1"})

@@ -18,7 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from p2pml.config import MODEL_KINDS, NetworkConfig, load
+from p2pml.config import MODEL_KINDS, NETWORK_SETTINGS, NetworkConfig, load
+from p2pml.store import DataDir
+from p2pml.wire import Identity
 
 PEER_NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
 
@@ -52,12 +54,31 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(resp.read())
 
 
+def pin_keys(net: NetworkConfig, data_root: Path, path: Path) -> Path:
+    """Make (or load) every peer's key in its data dir, and write a copy of the network file
+    with every seat pinned to its key, so that no other key can ever take a seat."""
+    lines = ["[network]"] + [f"{k} = {getattr(net, k)}" for k in NETWORK_SETTINGS]
+    for peer in net.peers:
+        key = peer.key
+        if key is None:
+            data = DataDir(data_root / peer.name)
+            try:
+                key = Identity.from_seed(data.load_or_create_seed(lambda: Identity.generate().seed())).key
+            finally:
+                data.close()
+        lines += ["", "[[peer]]", f'name = "{peer.name}"', f'host = "{peer.host}"', f"port = {peer.port}",
+                  f'model = "{peer.model}"', f'key = "{key.hex()}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 class LocalCluster:
     def __init__(self, peers_file: str | Path, data_root: str | Path,
                  behaviors: dict[str, str] | None = None, log_level: str = "INFO"):
-        self.peers_file = Path(peers_file)
-        self.net: NetworkConfig = load(self.peers_file)
         self.data_root = Path(data_root)
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.peers_file = pin_keys(load(peers_file), self.data_root, self.data_root / "peers.pinned.toml")
+        self.net: NetworkConfig = load(self.peers_file)
         self.behaviors = behaviors or {}
         self.log_level = log_level
         self.procs: dict[str, subprocess.Popen] = {}
@@ -77,7 +98,6 @@ class LocalCluster:
             if peer.name in self.procs and self.procs[peer.name].poll() is None:
                 continue
             data = self.data_root / peer.name
-            data.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "p2pml.node", "--port", str(peer.port),
                    "--peers", str(self.peers_file), "--data-dir", str(data),
                    "--behavior", self.behaviors.get(peer.name, "honest"),

@@ -125,6 +125,7 @@ class Gossip:
         self._interval = interval_ms / 1000
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
+        self._aside: set[asyncio.Task] = set()  # short-lived tasks, kept so they are not lost
         self.pushes = 0
 
     async def start(self) -> None:
@@ -134,10 +135,15 @@ class Gossip:
             self._tasks.append(asyncio.create_task(self._sender(link), name=f"push-{link.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._anti_entropy(), name="anti-entropy"))
 
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._aside.add(task)
+        task.add_done_callback(self._aside.discard)
+
     async def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._aside]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._aside, return_exceptions=True)
         self._tasks.clear()
         for link in self.links.values():
             if link.ws is not None:
@@ -190,10 +196,10 @@ class Gossip:
         link.up = False
         link.outbox.clear()
         if link.ws is not None:
-            asyncio.ensure_future(link.ws.close())
+            self._background(link.ws.close())
             link.ws = None
-        link.failures += 1
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(link.failures, 10))
+        link.failures += 1
         link.retry_at = asyncio.get_running_loop().time() + delay
 
     async def _post(self, link: Link, path: str, data: bytes) -> bytes | None:
@@ -240,8 +246,8 @@ class Gossip:
                 link.ws = await self._session.ws_connect(
                     link.cfg.url + "/gossip/ws", headers={PEER_HEADER: self.me},
                     max_msg_size=MAX_BATCH_BYTES, autoping=True)
-                asyncio.ensure_future(self._drain(link.ws))
-            await link.ws.send_bytes(data)
+                self._background(self._drain(link.ws))
+            await asyncio.wait_for(link.ws.send_bytes(data), self._timeout.total)
         except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
             log.debug("push to %s failed: %r", link.cfg.name, exc)
             self._mark(link, False)
@@ -327,7 +333,16 @@ class Gossip:
         return pack([answered, ids])
 
     def answer_fetch(self, ids) -> bytes:
+        """The envelopes asked for that this node holds, as much as fits in one batch (the rest
+        is asked for again at the next reconciliation)."""
         if type(ids) is not list or len(ids) > MAX_BATCH_MESSAGES:
             raise ValueError(f"/fetch takes a list of at most {MAX_BATCH_MESSAGES} message ids")
-        raws = [self.holdings.raw[i] for i in ids if type(i) is bytes and i in self.holdings.raw]
+        raws, size = [], 8
+        for i in ids:
+            raw = self.holdings.raw.get(i) if type(i) is bytes else None
+            if raw is not None:
+                if size + len(raw) > MAX_BATCH_BYTES:
+                    break
+                raws.append(raw)
+                size += len(raw)
         return pack_batch(raws)

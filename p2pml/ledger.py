@@ -219,11 +219,16 @@ def is_active(peer: PeerState) -> bool:
 
 
 def compute_consensus(voters: list[tuple[PeerState, Vote]]) -> int:
-    """The class with the largest voting power (stake x weight); ties go to the lowest class."""
+    """Among the classes voted for, the one with the largest voting power (stake x weight);
+    if no voter has any power, the one with the most votes; ties go to the lowest class."""
     power = [0] * len(CLASSES)
+    count = [0] * len(CLASSES)
     for peer, vote in voters:
         power[vote.label] += peer.stake * peer.weight
-    return max(range(len(CLASSES)), key=lambda c: (power[c], -c))
+        count[vote.label] += 1
+    if not any(power):
+        power = count
+    return max((c for c in range(len(CLASSES)) if count[c]), key=lambda c: (power[c], -c))
 
 
 def compute_weight(weight: int, agreed: bool) -> int:
@@ -294,6 +299,7 @@ class Ledger:
         self._dirty: int | None = 0  # first position in _order not reflected in _state
         self._state = State()
         self._root: str | None = None
+        self._seats: dict[bytes, Message] = {}  # key -> its winning registration
         self._members: dict[bytes, str] = {}  # key -> peer id, for the members of genesis_state
         self._outcomes: dict[bytes, Outcome] = {}
 
@@ -304,13 +310,19 @@ class Ledger:
         if msg.id in self.messages:
             return None
         body = msg.body
+        if not isinstance(body, Register) and msg.author not in self._seats:
+            # [IGNORE] not held: re-offered by anti-entropy once its registration is here
+            return "author holds no seat (no registration held for this key)"
         if isinstance(body, Register):
             reason = self._check_register(msg.author, body)
             if reason:
                 return reason
             self._registrations.setdefault(body.name, []).append(msg)
-            self._checkpoints = []  # membership changed: replay from the genesis state
-            self._mark_dirty(0)
+            seats = self._assign_seats()
+            if seats.keys() != self._seats.keys():  # membership changed: replay from genesis
+                self._checkpoints = []
+                self._mark_dirty(0)
+            self._seats = seats
         elif isinstance(body, Query):
             for i in range(len(body.items)):
                 rid = round_id(msg.id, i)
@@ -337,7 +349,7 @@ class Ledger:
                     self._mark_dirty(bisect.bisect_left(self._order, key))
         else:  # pragma: no cover - wire builds only the types above
             return f"unknown message type {type(body).__name__}"
-        if not isinstance(body, Register):
+        if isinstance(body, Query):  # only queries are ordered by lamport
             self.lamport = max(self.lamport, body.lamport)
         self.messages[msg.id] = msg
         return None
@@ -374,30 +386,31 @@ class Ledger:
         self._settle()
         return self._outcomes.get(rid)
 
-    def has_round(self, rid: bytes) -> bool:
-        return rid in self._queries
-
     def voters(self, rid: bytes) -> set[bytes]:
         """Keys that hold a vote on this round (counted or not)."""
         return set(self._votes.get(rid, ()))
 
-    def key_of(self, pid: str) -> bytes | None:
-        peer = self.state.peers.get(pid)
-        return peer.key if peer else None
-
     # -- the transition -----------------------------------------------------------------------
 
-    def genesis_state(self) -> State:
-        """Each slot goes to its earliest registration by message id (pin keys to avoid races)."""
-        state = State()
-        taken: set[bytes] = set()
+    def _assign_seats(self) -> dict[bytes, Message]:
+        """Each seat (in name order) goes to its registration with the lowest message id whose
+        author holds no seat yet. Pinned seats admit one key only, so this matters only for
+        unpinned ones."""
+        seats: dict[bytes, Message] = {}
         for name in sorted(self._registrations):
             for msg in sorted(self._registrations[name], key=lambda m: m.id):
-                if msg.author in taken:
-                    continue
-                taken.add(msg.author)
-                state.peers[peer_id(msg.author)] = PeerState(name, msg.body.model, msg.author)
-                break
+                if msg.author not in seats:
+                    seats[msg.author] = msg
+                    break
+        return seats
+
+    def is_member(self, key: bytes) -> bool:
+        return key in self._seats
+
+    def genesis_state(self) -> State:
+        state = State()
+        for key, msg in sorted(self._seats.items(), key=lambda kv: kv[1].body.name):
+            state.peers[peer_id(key)] = PeerState(msg.body.name, msg.body.model, key)
         self._members = {p.key: pid for pid, p in state.peers.items()}
         return state
 

@@ -32,17 +32,18 @@ from p2pml.ledger import (
 )
 from p2pml.model import Model
 from p2pml.store import DataDir
-from p2pml.wire import MAX_ITEMS, Identity, Signed, Verifier, WireError
+from p2pml.wire import MAX_ITEMS, MAX_LAMPORT, Identity, Signed, Verifier, WireError
 
 log = logging.getLogger(__name__)
 
 LEDGER_WRITE_INTERVAL_S = 1.0  # ledger.json is a view: rewritten at most this often
 INLINE_ROWS = 8  # model calls on at most this many rows run on the loop (about 1-4 ms)
-MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
+MAX_QUEUED_QUERIES = 16 * MAX_ITEMS
+OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)  # /predict calls waiting for a batch; more get 503
 
 
-class Overloaded(RuntimeError):
-    """Too many queries are waiting; the client should retry later."""
+class Unavailable(RuntimeError):
+    """The node cannot open a round now (overloaded, or failing); the client should retry."""
 
 
 class Node:
@@ -64,6 +65,7 @@ class Node:
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
         self._query_wake = asyncio.Event()
         self._to_vote: list[tuple[bytes, tuple[float, ...], bytes]] = []  # round, row, issuer
+        self._writing: dict[bytes, bytes] = {}  # own messages held but not yet durable: unserved
         self._names: dict[bytes, str] = {}  # key -> seat name, from registrations: for routing
         self._vote_wake = asyncio.Event()
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
@@ -114,13 +116,17 @@ class Node:
 
     # -- intake ---------------------------------------------------------------------------------
 
-    def _hold(self, signed: Signed, log_it: bool = True) -> str | None:
-        """Accept a verified message: ledger, holdings, log. Returns a rejection reason or None."""
+    def _hold(self, signed: Signed, log_it: bool = True, serve: bool = True) -> str | None:
+        """Accept a verified message: ledger, log, and (if ``serve``) the holdings peers are
+        served from. Returns a rejection reason or None."""
         msg = signed.msg
         reason = self.ledger.add(msg)
         if reason:
             return reason
-        self.holdings.add(msg.id, signed.raw)
+        if serve:
+            self.holdings.add(msg.id, signed.raw)
+        else:
+            self._writing[msg.id] = signed.raw
         if log_it:
             self.data.append([signed.raw])
         body = msg.body
@@ -168,7 +174,8 @@ class Node:
     # -- own messages ---------------------------------------------------------------------------
 
     def _next_lamport(self) -> int:
-        self._lamport = max(self._lamport, self.ledger.lamport) + 1
+        """One more than any query held; pinned at MAX_LAMPORT (ties then go by round id)."""
+        self._lamport = min(MAX_LAMPORT, max(self._lamport, self.ledger.lamport) + 1)
         return self._lamport
 
     async def _publish(self, signed: Signed, urgent_to: set[str] | None = None,
@@ -176,13 +183,14 @@ class Node:
         """Hold, send, and make durable. A vote is on disk before it is sent, so no restart can
         lead this node to sign a conflicting one; a query may travel while it is being written
         (any query is valid), and is durable before this returns, so before any client hears of it."""
-        reason = self._hold(signed)
+        reason = self._hold(signed, serve=not durable_first)
         if reason:  # pragma: no cover - our own messages are built valid
             raise RuntimeError(f"own message rejected: {reason}")
         if not durable_first:
             self.gossip.broadcast([signed.raw], urgent_to)
         await self.data.commit()
         if durable_first:
+            self.holdings.add(signed.msg.id, self._writing.pop(signed.msg.id))  # served once durable
             self.gossip.broadcast([signed.raw], urgent_to)
 
     async def _query_loop(self) -> None:
@@ -194,9 +202,16 @@ class Node:
             while self._queries:
                 batch = self._queries[:MAX_ITEMS]
                 del self._queries[:MAX_ITEMS]
-                signed = self.identity.sign(
-                    self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
-                await self._publish(signed, durable_first=False)
+                try:
+                    signed = self.identity.sign(
+                        self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
+                    await self._publish(signed, durable_first=False)
+                except Exception as exc:  # noqa: BLE001 - fail these queries, keep serving
+                    log.exception("could not open %d rounds", len(batch))
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(Unavailable(f"could not open the round: {exc}"))
+                    continue
                 for i, (_, fut) in enumerate(batch):
                     if not fut.done():
                         fut.set_result((round_id(signed.msg.id, i), signed.msg.id))
@@ -213,17 +228,24 @@ class Node:
                 batch = [item for item in batch if me not in self.ledger.voters(item[0])]
                 if not batch:
                     continue
-                rounds = [rid for rid, _, _ in batch]
-                rows = np.array([row for _, row, _ in batch], dtype=np.float64)
-                if len(rows) <= INLINE_ROWS:  # a thread hop costs more than a small model call
-                    results = self.model.vote(rows, rounds)
-                else:
-                    results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
-                votes = tuple(Vote(rid, label, proba) for rid, (label, proba) in zip(rounds, results))
-                # The issuers are waiting for these votes; everyone else gets them lazily.
-                issuers = {self._names.get(issuer, "") for _, _, issuer in batch}
-                signed = self.identity.sign(self.genesis_id, Votes(self._next_lamport(), votes))
-                await self._publish(signed, urgent_to=issuers)
+                try:
+                    await self._vote(batch, loop)
+                except Exception:  # noqa: BLE001 - these rounds go without our vote; keep voting
+                    log.exception("could not vote on %d rounds", len(batch))
+
+    async def _vote(self, batch: list, loop: asyncio.AbstractEventLoop) -> None:
+        """Predict, sign and publish one vote message for ``batch`` of (round, row, issuer)."""
+        rounds = [rid for rid, _, _ in batch]
+        rows = np.array([row for _, row, _ in batch], dtype=np.float64)
+        if len(rows) <= INLINE_ROWS:  # a thread hop costs more than a small model call
+            results = self.model.vote(rows, rounds)
+        else:
+            results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
+        votes = tuple(Vote(rid, label, proba) for rid, (label, proba) in zip(rounds, results))
+        # The issuers are waiting for these votes; everyone else gets them lazily.
+        issuers = {self._names.get(issuer, "") for _, _, issuer in batch}
+        signed = self.identity.sign(self.genesis_id, Votes(self._next_lamport(), votes))
+        await self._publish(signed, urgent_to=issuers)
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -236,11 +258,14 @@ class Node:
     async def predict(self, row: tuple[float, ...]) -> dict:
         """Open a round for ``row``, wait for the votes (or the timeout), answer the consensus."""
         if len(self._queries) >= MAX_QUEUED_QUERIES:
-            raise Overloaded(f"{len(self._queries)} queries already waiting")
+            raise Unavailable(f"overloaded: {len(self._queries)} queries already waiting")
         fut = asyncio.get_running_loop().create_future()
         self._queries.append((row, fut))
         self._query_wake.set()
-        rid, query_id = await fut
+        try:
+            rid, query_id = await asyncio.wait_for(fut, OPEN_ROUND_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable("overloaded: the round could not be opened in time") from None
         expected = self.expected_voters()
         event = asyncio.Event()
         self._waiters[rid] = (expected, event)
@@ -285,7 +310,7 @@ class Node:
         }
 
     def signature_of(self, mid: bytes) -> bytes:
-        return msgpack.unpackb(self.holdings.raw[mid])[2]
+        return msgpack.unpackb(self.holdings.raw.get(mid) or self._writing[mid])[2]
 
     def message(self, mid: bytes) -> dict | None:
         raw = self.holdings.raw.get(mid)
@@ -318,5 +343,9 @@ class Node:
             await asyncio.sleep(LEDGER_WRITE_INTERVAL_S)
             view = self.ledger_view()
             if view["root"] != self._written_root:
-                await asyncio.to_thread(self.data.write_ledger, view)
+                try:
+                    await asyncio.to_thread(self.data.write_ledger, view)
+                except OSError as exc:  # the log is the truth; this view can wait
+                    log.error("could not write %s: %s", self.data.path, exc)
+                    continue
                 self._written_root = view["root"]

@@ -34,6 +34,7 @@ MAX_BATCH_MESSAGES = 1024  # envelopes per gossip POST: bounds verification work
 MAX_BATCH_BYTES = MAX_BATCH_MESSAGES * 2 * 1024  # a gossip POST body; larger is refused unread
 MAX_NAME_CHARS = 64
 MAX_LAMPORT = 2**53  # keeps lamport clocks exact in any JSON reader
+FEATURE_RANGE = (0.0, 100.0)  # centimetres; Iris is well inside, and float32 models stay finite
 
 
 # What msgpack raises for bad input: ValueError (and its subclasses) or UnpackException.
@@ -97,15 +98,14 @@ def _str(value, name: str) -> str:
 
 
 def check_features(row) -> tuple[float, ...]:
-    """A feature row: exactly N_FEATURES finite floats (shared with the HTTP API)."""
+    """A feature row: exactly N_FEATURES finite floats within FEATURE_RANGE."""
     if type(row) not in (list, tuple) or len(row) != N_FEATURES:
         raise WireError(f"a feature row must have {N_FEATURES} numbers")
-    out = []
+    lo, hi = FEATURE_RANGE
     for x in row:
-        if type(x) is not float or not math.isfinite(x):
-            raise WireError(f"features must be finite floats, got {x!r:.40}")
-        out.append(x)
-    return tuple(out)
+        if type(x) is not float or not math.isfinite(x) or not lo <= x <= hi:
+            raise WireError(f"features must be finite floats in [{lo:g}, {hi:g}], got {x!r:.40}")
+    return tuple(row)
 
 
 def decode_body(data: bytes) -> Register | Query | Votes:
@@ -167,7 +167,10 @@ class Identity:
         return self._private.private_bytes_raw()
 
     def sign(self, genesis_id: bytes, body: Register | Query | Votes) -> Signed:
+        """Sign ``body``; raises WireError for anything peers would reject, so a node never
+        holds a message of its own that nobody else would accept."""
         data = encode_body(body)
+        decode_body(data)
         sig = self._private.sign(_signing_bytes(genesis_id, self.key, data))
         msg = Message(message_id(genesis_id, self.key, data), self.key, body)
         return Signed(msg, pack([self.key, data, sig]))

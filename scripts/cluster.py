@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from p2pml.cluster import LocalCluster, get_json
 from p2pml.config import ConfigError
+from p2pml.store import StoreError
 from p2pml.ledger import WEIGHT_ONE
 
 BAD_BEHAVIORS = ("random", "constant")
@@ -45,7 +46,7 @@ def main() -> int:
     data_root = Path(args.data_dir or tempfile.mkdtemp(prefix="p2pml-cluster-"))
     try:
         cluster = LocalCluster(args.peers, data_root)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         ap.error(str(exc))
     if not 0 <= args.byzantine <= len(cluster.names):
         ap.error(f"--byzantine must be between 0 and {len(cluster.names)}")
@@ -58,6 +59,9 @@ def main() -> int:
         cluster.wait_healthy()
         cluster.wait_registered()
         return run(cluster, args)
+    except (RuntimeError, TimeoutError) as exc:  # a peer did not start: say which, and why
+        print(f"cluster.py: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; stopping peers")
         return 130
@@ -94,6 +98,9 @@ def run(cluster: LocalCluster, args) -> int:
               f"votes per answer: min {min(votes_seen)}, mean {sum(votes_seen) / len(votes_seen):.1f}")
     if failed:
         print(f"{failed} queries failed")
+    if not ledgers:
+        print("no peer answered /ledger", file=sys.stderr)
+        return 1
     view = next(iter(ledgers.values()))
     print(f"\n{'peer':<6} {'model':<20} {'behavior':<9} {'stake':>6} {'weight':>7} {'status':<8} "
           f"{'agreed':>13}  id")

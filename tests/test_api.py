@@ -21,7 +21,7 @@ GOOD = {"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4", "pet
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
+def api_cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     peers = write_network(tmp / "peers.toml", free_ports(2), query_timeout_ms=200)
     cluster = LocalCluster(peers, tmp / "data")
@@ -29,9 +29,14 @@ def node(tmp_path_factory):
     try:
         cluster.wait_healthy()
         cluster.wait_registered()
-        yield cluster.url(cluster.names[0])
+        yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def node(api_cluster):
+    return api_cluster.url(api_cluster.names[0])
 
 
 @pytest.fixture
@@ -75,6 +80,8 @@ async def test_predict_three_ways_agree(node, http):
     ({**GOOD, "sepal_width": "-1e309"}, "sepal_width must be finite"),
     ({**GOOD, "sepal_width": "-2"}, "sepal_width must be between 0 and 100"),
     ({**GOOD, "sepal_width": ""}, "sepal_width must be a number"),
+    ({**GOOD, "sepal_width": "3_5"}, "sepal_width must be a number"),
+    ({**GOOD, "sepal_width": "\u0663"}, "sepal_width must be a number"),
     ({"features": "5.1,3.5,1.4"}, "has 3 values, but the model expects 4"),
     ({"features": "5.1,3.5,1.4,0.2,9"}, "has 5 values"),
     ({"features": ""}, "has 0 values"),
@@ -106,6 +113,9 @@ async def test_predict_get_rejects_repeated_parameter(node, http):
     ('{"features": [5.1, 3.5, 1.4, 0.2], "extra": 1}', "unknown field 'extra'"),
     ('{"sepal_length": 5.1}', "missing field(s): sepal_width"),
     ('{"features": [[5.1], 3.5, 1.4, 0.2]}', "must be a number, got list"),
+    ('{"features": [1' + "0" * 400 + ', 3.5, 1.4, 0.2]}', "must be finite"),
+    ("[" * 1500 + "]" * 1500, "nested too deeply"),
+    ('{"features": [5.1, 3.5, 1.4, 0.2], "features": [1, 1, 1, 1]}', "more than once"),
 ])
 async def test_predict_post_rejects(node, http, body, needle):
     status, answer = await post(http, node + "/predict", body)
@@ -188,6 +198,42 @@ async def test_vote_signatures_verify_for_a_client(node, http):
         assert any(v.round.hex() == answer["round"] for v in opened.body.votes)
 
 
+async def test_hostile_gossip_cannot_split_or_stall_the_network(api_cluster, node, http):
+    """A stranger's messages are refused; a member that pushes the clock to its ceiling or
+    sends out-of-range features neither splits the ledgers nor stops anyone voting."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from p2pml.wire import DOMAIN, MAX_LAMPORT, pack
+
+    _, view = await get(http, node + "/ledger")
+    genesis = bytes.fromhex(view["genesis"])
+    stranger = Identity.generate()
+    status, answer = await post(http, node + "/gossip", pack_batch(
+        [stranger.sign(genesis, Query(MAX_LAMPORT, ((5.0, 3.0, 1.0, 0.1),))).raw,
+         stranger.sign(genesis, Query(1, ((5.0, 3.0, 1.0, 0.1),))).raw]), "application/msgpack")
+    assert status == 400 and "holds no seat" in answer["error"]
+
+    # The other member goes rogue (its key, read from its own data dir, signs what it likes).
+    rogue_name = api_cluster.names[1]
+    seed = (api_cluster.data_root / rogue_name / "node.key").read_bytes()
+    rogue = Identity.from_seed(seed)
+    body = msgpack.packb(["query", 2, [[5.0, 3.0, 1e39, 0.1]]])  # a float32 model cannot take it
+    sig = Ed25519PrivateKey.from_private_bytes(seed).sign(DOMAIN + genesis + rogue.key + body)
+    status, answer = await post(http, node + "/gossip", pack_batch([pack([rogue.key, body, sig])]),
+                                "application/msgpack")
+    assert status == 400 and "features must be finite floats in [0, 100]" in answer["error"]
+    top = rogue.sign(genesis, Query(MAX_LAMPORT, ((5.0, 3.0, 1.0, 0.1),)))
+    status, answer = await post(http, node + "/gossip", pack_batch([top.raw]), "application/msgpack")
+    assert status == 200 and answer["accepted"] == 1
+
+    for _ in range(3):  # still answered with every vote, the clock pinned at its ceiling
+        status, answer = await get(http, node + "/predict", GOOD)
+        assert status == 200 and len(answer["votes"]) == 2
+    ledgers = api_cluster.wait_converged(timeout=10)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    assert {lg["lamport"] for lg in ledgers.values()} == {MAX_LAMPORT}
+
+
 def run_cli(*args, env=None, timeout=60):
     return subprocess.run([sys.executable, "-m", "p2pml.node", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, check=False)
@@ -221,8 +267,7 @@ def test_default_data_dir_and_key(tmp_path):
     assert again.stdout == r.stdout and len(r.stdout.strip()) == 64
 
 
-def test_second_process_on_same_data_dir_refuses(node, tmp_path):
-    data = tmp_path.parent  # not the node's: make our own running node first
+def test_second_process_on_same_data_dir_refuses(tmp_path):
     peers = write_network(tmp_path / "peers.toml", free_ports(1))
     cluster = LocalCluster(peers, tmp_path / "data")
     cluster.start()
@@ -234,4 +279,3 @@ def test_second_process_on_same_data_dir_refuses(node, tmp_path):
         assert r.returncode == 2 and "in use by another running node" in r.stderr
     finally:
         cluster.stop()
-    del data

@@ -206,14 +206,46 @@ def test_vote_before_its_query_counts_when_the_query_arrives(net):
     assert lg.state.rounds == 1 and lg.outcome(rid).consensus == 2
 
 
-def test_vote_of_unregistered_key_waits_for_registration(net):
+def test_invalid_messages_of_a_key_without_a_seat_are_not_held(net):
     lg = with_members(net, n=4)
     q, (rid,) = net.query(0, 1)
     lg.add(q)
-    lg.add(net.votes(4, 1, [(rid, 1)]))
-    assert lg.outcome(rid).consensus is None
+    early = net.votes(4, 1, [(rid, 1)])
+    assert "holds no seat" in lg.add(early)
+    assert "holds no seat" in lg.add(net.query(4, 2**53)[0])
+    assert early.id not in lg.messages and lg.lamport == 1  # a stranger cannot move the clock
     lg.add(net.register(4))
+    assert lg.add(early) is None  # offered again (anti-entropy does this), now held
     assert lg.outcome(rid).consensus == 1
+
+
+def test_votes_do_not_move_the_clock(net):
+    lg = with_members(net)
+    q, (rid,) = net.query(0, 3)
+    lg.add(q)
+    lg.add(net.votes(1, 2**50, [(rid, 0)]))
+    assert lg.lamport == 3
+
+
+def test_registration_for_a_won_seat_changes_nothing(net):
+    lg = with_members(net)
+    play(net, lg, [0, 0, 0, 0, 0], 1)
+    root = lg.root()
+    from p2pml.wire import Identity
+
+    held = net.register(0)
+    claims = (Identity.from_seed(bytes([s]) * 32).sign(net.gid, held.body).msg for s in range(9, 99))
+    late = next(m for m in claims if m.id > held.id)  # a later claim to ada's seat, losing
+    assert lg.add(late) is None
+    assert lg.root() == root and lg.is_member(net.ids[0].key) and not lg.is_member(late.author)
+
+
+def test_consensus_among_powerless_voters_is_by_count(net):
+    peers = [L.PeerState("a", "m", b"a", weight=0), L.PeerState("b", "m", b"b", weight=0),
+             L.PeerState("c", "m", b"c", weight=0)]
+    votes = [L.Vote(b"r", 2, (0, 0, 1)), L.Vote(b"r", 2, (0, 0, 1)), L.Vote(b"r", 1, (0, 1, 0))]
+    assert L.compute_consensus(list(zip(peers, votes))) == 2
+    assert L.compute_consensus([(peers[0], L.Vote(b"r", 2, (0, 0, 1)))]) == 2  # never an unvoted class
 
 
 def test_duplicate_message_changes_nothing(net):
@@ -259,6 +291,9 @@ def test_invalid_two_votes_on_one_round_in_one_message(net):
     lg = with_members(net)
     q, (rid,) = net.query(0, 1)
     lg.add(q)
-    reason = lg.add(net.votes(4, 1, [(rid, 0), (rid, 1)]))
+    from tests.conftest import one_hot
+
+    body = L.Votes(1, (L.Vote(rid, 0, one_hot(0)), L.Vote(rid, 1, one_hot(1))))
+    reason = lg.add(L.Message(b"\x07" * 32, net.ids[4].key, body))  # no node would sign it
     assert reason and "one vote per round" in reason
     assert lg.state.peers[pid(net, 4)].equivocation is None

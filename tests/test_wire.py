@@ -48,7 +48,7 @@ def one_hot(label: int) -> tuple[int, ...]:
 
 BODIES = {
     "register": Register("ada", "knn", 1000),
-    "query": Query(7, (ROW, (6.3, 2.9, 5.6, 1.8), (-0.0, 1e-300, 1e300, 0.5))),
+    "query": Query(7, (ROW, (6.3, 2.9, 5.6, 1.8), (-0.0, 1e-300, 100.0, 0.5))),
     "votes": Votes(9, (Vote(RID, 1, (100_000, 800_000, 100_000)), Vote(bytes(16), 2, one_hot(2)))),
 }
 
@@ -109,7 +109,7 @@ def test_identity_seed_round_trip():
 def test_boundary_values_accepted(kind):
     edge = {
         "register": Register("x" * MAX_NAME_CHARS, "\U0001f600" * MAX_NAME_CHARS, 2**63),
-        "query": Query(MAX_LAMPORT, tuple((float(i), -1.5, 0.0, 2.0) for i in range(MAX_ITEMS))),
+        "query": Query(MAX_LAMPORT, tuple((i / 3.0, 1.5, 0.0, 2.0) for i in range(MAX_ITEMS))),
         "votes": Votes(1, tuple(Vote(bytes([i]) * 16, len(CLASSES) - 1, (0, 0, PROBA_ONE))
                                 for i in range(MAX_ITEMS))),
     }[kind]
@@ -284,6 +284,8 @@ BAD_BODIES = {
     "query nan feature": ["query", 1, [[NAN, 3.5, 1.4, 0.2]]],
     "query inf feature": ["query", 1, [[5.1, INF, 1.4, 0.2]]],
     "query -inf feature": ["query", 1, [[5.1, 3.5, -INF, 0.2]]],
+    "query feature over range (float32 overflow)": ["query", 1, [[5.1, 3.5, 1e39, 0.2]]],
+    "query negative feature": ["query", 1, [[5.1, -0.5, 1.4, 0.2]]],
     "query row is a map": ["query", 1, [{}]],
     "query second row bad": ["query", 1, [list(ROW), [1.0, 2.0, 3.0]]],
     # votes
