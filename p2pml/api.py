@@ -18,7 +18,12 @@ from p2pml.gossip import MSGPACK, PEER_HEADER
 from p2pml.model import FEATURES
 from p2pml.service import Node, Unavailable
 from p2pml.wire import (
-    FEATURE_RANGE, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MSGPACK_ERRORS, WireError, unpack_batch,
+    FEATURE_RANGE,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    MSGPACK_ERRORS,
+    WireError,
+    unpack_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -31,7 +36,7 @@ class BadInput(ValueError):
     pass
 
 
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.I | re.A)
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE | re.ASCII)
 
 
 def _number(name: str, value, text: bool) -> float:

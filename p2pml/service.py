@@ -206,7 +206,7 @@ class Node:
                     signed = self.identity.sign(
                         self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
                     await self._publish(signed, durable_first=False)
-                except Exception as exc:  # noqa: BLE001 - fail these queries, keep serving
+                except Exception as exc:
                     log.exception("could not open %d rounds", len(batch))
                     for _, fut in batch:
                         if not fut.done():
@@ -230,7 +230,7 @@ class Node:
                     continue
                 try:
                     await self._vote(batch, loop)
-                except Exception:  # noqa: BLE001 - these rounds go without our vote; keep voting
+                except Exception:
                     log.exception("could not vote on %d rounds", len(batch))
 
     async def _vote(self, batch: list, loop: asyncio.AbstractEventLoop) -> None:

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from p2pml.cluster import LocalCluster, get_json
 from p2pml.config import ConfigError
-from p2pml.store import StoreError
 from p2pml.ledger import WEIGHT_ONE
+from p2pml.store import StoreError
 
 BAD_BEHAVIORS = ("random", "constant")
 
