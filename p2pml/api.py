@@ -180,7 +180,7 @@ async def gossip_ws(request: web.Request) -> web.WebSocketResponse:
         except WireError as exc:
             log.debug("bad batch from %s: %s", source, exc)
             continue
-        await node.ingest(envs, source)
+        await node.ingest(envs, source, acknowledge=False)
     return ws
 
 

@@ -376,6 +376,12 @@ class Ledger:
         self._settle()
         return self._state
 
+    @property
+    def last_state(self) -> State:
+        """The state as of the last read, without folding in what arrived since (cheap; for
+        decisions that need not be exact, like which votes are worth waiting for)."""
+        return self._state
+
     def root(self) -> str:
         state = self.state
         if self._root is None:

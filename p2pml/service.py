@@ -110,6 +110,7 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.gossip.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        await self.data.commit()
         self.data.commit_now()
         self._write_ledger()
         self.data.close()
@@ -142,8 +143,9 @@ class Node:
                     waiter[1].set()
         return None
 
-    async def ingest(self, envs: list, source: str) -> dict:
-        """Verify and hold a batch of decoded envelopes from a peer; durable before returning."""
+    async def ingest(self, envs: list, source: str, acknowledge: bool = True) -> dict:
+        """Verify and hold a batch of decoded envelopes from a peer. With ``acknowledge`` (the
+        sender will be told), durable before returning; otherwise written in the background."""
         accepted = duplicate = rejected = 0
         errors: list[str] = []
         for env in envs:
@@ -167,6 +169,9 @@ class Node:
             self.stats[key] += n
         if rejected:
             log.debug("from %s: rejected %d of %d: %s", source, rejected, len(envs), errors)
+        if not acknowledge:
+            self.data.commit_soon()
+            return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected}
         await asyncio.sleep(0)  # let the votes this batch woke join the same fsync
         await self.data.commit()
         return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
@@ -252,7 +257,7 @@ class Node:
     def expected_voters(self) -> frozenset[bytes]:
         """Active members this node can reach: the votes worth waiting for."""
         reachable = self.gossip.reachable() | {self.me.name}
-        return frozenset(p.key for p in self.ledger.state.peers.values()
+        return frozenset(p.key for p in self.ledger.last_state.peers.values()
                          if is_active(p) and p.name in reachable)
 
     async def predict(self, row: tuple[float, ...]) -> dict:

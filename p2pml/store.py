@@ -68,6 +68,7 @@ class DataDir:
         self._log = None
         self._pending: list[bytes] = []
         self._commit: asyncio.Future | None = None
+        self._soon: set[asyncio.Task] = set()
 
     # -- key ------------------------------------------------------------------------------------
 
@@ -154,9 +155,19 @@ class DataDir:
         self._commit.add_done_callback(self._committed)
         await asyncio.shield(self._commit)
 
+    def commit_soon(self) -> None:
+        """Start a commit of what is pending unless one is under way (whose end starts the
+        next): for intake that acknowledges nothing, so nobody needs to wait for the disk."""
+        if self._pending and (self._commit is None or self._commit.done()):
+            task = asyncio.ensure_future(self.commit())
+            self._soon.add(task)
+            task.add_done_callback(self._soon.discard)
+
     def _committed(self, fut: asyncio.Future) -> None:
         if self._commit is fut:
             self._commit = None
+            if self._pending and self._soon:  # more arrived meanwhile from unacknowledged intake
+                self.commit_soon()
         if not fut.cancelled() and fut.exception() is not None:
             log.error("writing %s failed: %s", self.path / LOG_FILE, fut.exception())
 
