@@ -167,6 +167,12 @@ class Gossip:
             if link.up:
                 self._enqueue(link, raws, urgent_to is None or name in urgent_to)
 
+    def send_to(self, names: set[str], raws: list[bytes]) -> None:
+        """Push to some peers only (the equivocate behaviour's way of splitting the network)."""
+        for name in names:
+            if name in self.links and self.links[name].up:
+                self._enqueue(self.links[name], raws)
+
     def _enqueue(self, link: Link, raws: list[bytes], urgent: bool = True) -> None:
         link.outbox.extend(raws)
         excess = len(link.outbox) - MAX_OUTBOX

@@ -25,7 +25,11 @@ from sklearn.svm import SVC
 from p2pml.ledger import CLASSES, PROBA_ONE
 
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
-BEHAVIORS = ("honest", "random", "constant")
+# honest: the model's answer. random: a class drawn from hash(key, round). constant: always
+# CONSTANT_LABEL. wrong: the class after the model's answer (two such peers collude on the same
+# wrong class). equivocate: votes honestly, and also signs a conflicting vote for every round,
+# which it sends to half of the peers (the node does that part; see service.Node._vote).
+BEHAVIORS = ("honest", "random", "constant", "wrong", "equivocate")
 CONSTANT_LABEL = 0  # what the "constant" behaviour always votes
 SPLIT_SEED = 0  # held-out accuracy varies with the split: see docs/ledger.md
 TEST_FRACTION = 0.3
@@ -88,16 +92,19 @@ class Model:
             self.predict_proba = self.estimator.predict_proba
 
     def vote(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]]:
-        if self.behavior == "honest":
+        if self.behavior in ("honest", "equivocate"):
             proba = self.predict_proba(rows)
             labels = proba.argmax(axis=1)
             ppm = np.rint(proba * PROBA_ONE).astype(np.int64).clip(0, PROBA_ONE)
             return [(int(lab), tuple(int(p) for p in row)) for lab, row in zip(labels, ppm)]
-        out = []
-        for rid in rounds:
-            if self.behavior == "random":
-                label = hashlib.sha256(self._key + rid).digest()[0] % len(CLASSES)
-            else:
-                label = CONSTANT_LABEL
-            out.append((label, tuple(PROBA_ONE if c == label else 0 for c in range(len(CLASSES)))))
-        return out
+        if self.behavior == "wrong":
+            labels = (self.predict_proba(rows).argmax(axis=1) + 1) % len(CLASSES)
+        elif self.behavior == "random":
+            labels = [hashlib.sha256(self._key + rid).digest()[0] % len(CLASSES) for rid in rounds]
+        else:
+            labels = [CONSTANT_LABEL] * len(rounds)
+        return [(int(label), one_hot(int(label))) for label in labels]
+
+
+def one_hot(label: int) -> tuple[int, ...]:
+    return tuple(PROBA_ONE if c == label else 0 for c in range(len(CLASSES)))

@@ -30,7 +30,7 @@ from p2pml.ledger import (
     peer_id,
     round_id,
 )
-from p2pml.model import Model
+from p2pml.model import Model, one_hot
 from p2pml.store import DataDir
 from p2pml.wire import MAX_ITEMS, MAX_LAMPORT, Identity, Signed, Verifier, WireError
 
@@ -249,8 +249,20 @@ class Node:
         votes = tuple(Vote(rid, label, proba) for rid, (label, proba) in zip(rounds, results))
         # The issuers are waiting for these votes; everyone else gets them lazily.
         issuers = {self._names.get(issuer, "") for _, _, issuer in batch}
-        signed = self.identity.sign(self.genesis_id, Votes(self._next_lamport(), votes))
+        lamport = self._next_lamport()
+        signed = self.identity.sign(self.genesis_id, Votes(lamport, votes))
+        if self.model.behavior == "equivocate":
+            self._equivocate(lamport, votes)
         await self._publish(signed, urgent_to=issuers)
+
+    def _equivocate(self, lamport: int, votes: tuple[Vote, ...]) -> None:
+        """Misbehaviour, for tests and demos: a conflicting vote on every round, signed and sent
+        only to the second half of the peers (the first half gets only the honest one)."""
+        names = sorted(self.gossip.links)
+        evil = tuple(Vote(v.round, (v.label + 1) % len(CLASSES), one_hot((v.label + 1) % len(CLASSES)))
+                     for v in votes)
+        signed = self.identity.sign(self.genesis_id, Votes(lamport, evil))
+        self.gossip.send_to(set(names[len(names) // 2:]), [signed.raw])
 
     # -- queries --------------------------------------------------------------------------------
 

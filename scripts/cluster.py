@@ -28,7 +28,7 @@ from p2pml.config import ConfigError
 from p2pml.ledger import WEIGHT_ONE
 from p2pml.store import StoreError
 
-BAD_BEHAVIORS = ("random", "constant")
+BAD_BEHAVIORS = ("random", "constant")  # others (wrong, equivocate): python -m p2pml.node --behavior
 
 
 def main() -> int:

@@ -1,0 +1,65 @@
+"""Misbehaving peers, run for real as node processes: every honest node must end with the same
+ledger, the attacker paid exactly as the rules say, and no honest peer slashed."""
+
+from __future__ import annotations
+
+from sklearn.datasets import load_iris
+
+from p2pml.cluster import get_json
+from p2pml.ledger import BPS, DEPOSIT, EQUIVOCATION_SLASH_BPS
+from tests.test_network import ask
+
+HONEST = ("ada", "bo", "cy")
+
+
+def by_name(ledger: dict) -> dict:
+    return {p["name"]: p for p in ledger["peers"].values()}
+
+
+async def test_equivocator_is_slashed_once_on_every_node_with_the_same_evidence(make_cluster):
+    cluster = make_cluster(5, behaviors={"ed": "equivocate"})
+    iris = load_iris()
+    answers = await ask(cluster, iris.data[::15], targets=list(HONEST))
+    assert all(status == 200 for status, _, _ in answers)
+    ledgers = cluster.wait_converged(timeout=15)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1, {n: lg["root"][:8] for n, lg in ledgers.items()}
+    evidence = set()
+    for name, lg in ledgers.items():
+        peers = by_name(lg)
+        ed = peers["ed"]
+        assert ed["status"] == "ejected" and ed["reason"] == "equivocation", (name, ed)
+        assert ed["stake"] == DEPOSIT - DEPOSIT * EQUIVOCATION_SLASH_BPS // BPS  # once, not per round
+        assert lg["burned"] == DEPOSIT * EQUIVOCATION_SLASH_BPS // BPS
+        evidence.add(tuple(ed["equivocation"]))
+        for h in ("ada", "bo", "cy", "di"):
+            assert peers[h]["stake"] == DEPOSIT and peers[h]["status"] == "active"
+    assert len(evidence) == 1  # the same canonical evidence everywhere
+    rid, first, second = evidence.pop()
+    messages = [cluster.url("ada") + f"/message/{mid}" for mid in (first, second)]
+    bodies = [get_json(url) for url in messages]
+    assert {b["author"] for b in bodies} == {next(pid for pid, p in ledgers["ada"]["peers"].items()
+                                                 if p["name"] == "ed")}
+    assert first < second
+
+
+async def test_colluding_minority_voting_the_same_wrong_class(make_cluster):
+    cluster = make_cluster(5, behaviors={"di": "wrong", "ed": "wrong"})
+    iris = load_iris()
+    rows = list(range(0, 150, 3))  # 50 rows, every class
+    answers = await ask(cluster, iris.data[rows])
+    right = sum(body["prediction"] == iris.target_names[iris.target[i]]
+                for i, (_, body, _) in zip(rows, answers))
+    assert right / len(rows) >= 0.9
+    same_wrong = sum(
+        len({v["prediction"] for v in body["votes"] if v["name"] in ("di", "ed")}) == 1
+        for _, body, _ in answers)
+    assert same_wrong >= 0.8 * len(rows)  # they really do collude on one class
+    ledgers = cluster.wait_converged(timeout=15)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    for lg in ledgers.values():
+        peers = by_name(lg)
+        for bad in ("di", "ed"):
+            assert peers[bad]["stake"] < DEPOSIT
+            assert peers[bad]["weight"] < min(peers[h]["weight"] for h in HONEST)
+        for h in HONEST:
+            assert peers[h]["stake"] == DEPOSIT
