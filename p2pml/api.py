@@ -221,6 +221,20 @@ async def message(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+async def round_(request: web.Request) -> web.Response:
+    text = request.match_info["id"]
+    try:
+        rid = bytes.fromhex(text)
+    except ValueError:
+        rid = b""
+    if len(rid) != 16:
+        raise BadInput("a round id is 32 hex digits")
+    found = request.app[NODE].round_view(rid)
+    if found is None:
+        raise web.HTTPNotFound(text=f"no round {text}")
+    return web.json_response(found)
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler):
     """Every error leaves as JSON naming the problem; nothing a client sends can cause a 500."""
@@ -258,4 +272,5 @@ def make_app(node: Node) -> web.Application:
     app.router.add_post("/sync", sync)
     app.router.add_post("/fetch", fetch)
     app.router.add_get("/message/{id}", message)
+    app.router.add_get("/round/{id}", round_)
     return app

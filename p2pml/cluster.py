@@ -39,11 +39,12 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def write_network(path: Path, ports: list[int], **network) -> Path:
+def write_network(path: Path, ports: list[int], hosts: list[str] | None = None, **network) -> Path:
     """A peers file for ``len(ports)`` peers on loopback, model kinds in turn."""
+    hosts = hosts or ["127.0.0.1"] * len(ports)
     lines = ["[network]"] + [f"{k} = {v}" for k, v in network.items()]
     for i, port in enumerate(ports):
-        lines += ["", "[[peer]]", f'name = "{PEER_NAMES[i]}"', 'host = "127.0.0.1"',
+        lines += ["", "[[peer]]", f'name = "{PEER_NAMES[i]}"', f'host = "{hosts[i]}"',
                   f"port = {port}", f'model = "{MODEL_KINDS[i % len(MODEL_KINDS)]}"']
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -115,8 +115,9 @@ Ingest = Callable[[list, str], Awaitable[object]]
 
 class Gossip:
     def __init__(self, me: str, peers: list[PeerConfig], holdings: Holdings, ingest: Ingest,
-                 request_timeout_ms: int, interval_ms: int):
+                 request_timeout_ms: int, interval_ms: int, local_host: str | None = None):
         self.me = me
+        self._local_host = local_host
         self.links = {p.name: Link(p) for p in peers}
         self.holdings = holdings
         self._ingest = ingest
@@ -129,8 +130,10 @@ class Gossip:
         self.pushes = 0
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self._timeout,
-                                              connector=aiohttp.TCPConnector(limit_per_host=4))
+        # Connect from our own address, so that a peer (and a firewall) sees who is talking.
+        local = (self._local_host, 0) if self._local_host else None
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout, connector=aiohttp.TCPConnector(limit_per_host=4, local_addr=local))
         for link in self.links.values():
             self._tasks.append(asyncio.create_task(self._sender(link), name=f"push-{link.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._anti_entropy(), name="anti-entropy"))
@@ -251,7 +254,8 @@ class Gossip:
             if link.ws is None or link.ws.closed:
                 link.ws = await self._session.ws_connect(
                     link.cfg.url + "/gossip/ws", headers={PEER_HEADER: self.me},
-                    max_msg_size=MAX_BATCH_BYTES, autoping=True)
+                    max_msg_size=MAX_BATCH_BYTES, autoping=True,
+                    heartbeat=self._timeout.total)  # a peer that stops answering pings is cut
                 self._background(self._drain(link.ws))
             await asyncio.wait_for(link.ws.send_bytes(data), self._timeout.total)
         except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:

@@ -392,6 +392,11 @@ class Ledger:
         self._settle()
         return self._outcomes.get(rid)
 
+    @property
+    def queries(self):
+        """The rounds whose query is held (a read-only view)."""
+        return self._queries.keys()
+
     def voters(self, rid: bytes) -> set[bytes]:
         """Keys that hold a vote on this round (counted or not)."""
         return set(self._votes.get(rid, ()))

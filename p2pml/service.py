@@ -59,7 +59,8 @@ class Node:
         self.holdings = Holdings()
         self.model = Model(me.model, behavior, self.identity.key)
         self.gossip = Gossip(me.name, [p for p in net.peers if p.name != me.name], self.holdings,
-                             self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms)
+                             self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms,
+                             local_host=me.host if me.host.startswith("127.") else None)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._lamport = 0
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
@@ -296,7 +297,14 @@ class Node:
             del self._waiters[rid]
         return self.answer(rid, query_id, expected)
 
-    def answer(self, rid: bytes, query_id: bytes, expected: frozenset[bytes] = frozenset()) -> dict:
+    def round_view(self, rid: bytes) -> dict | None:
+        """How this node's ledger decided a round (None: no query for it is held)."""
+        if rid not in self.ledger.queries:
+            return None
+        return self.answer(rid, None)
+
+    def answer(self, rid: bytes, query_id: bytes | None,
+               expected: frozenset[bytes] = frozenset()) -> dict:
         outcome = self.ledger.outcome(rid)
         state = self.ledger.state
         votes, power_sum, proba_sum = [], 0, [0] * len(CLASSES)
@@ -319,7 +327,7 @@ class Node:
             "prediction": CLASSES[consensus] if consensus is not None else None,
             "probabilities": probabilities,
             "round": rid.hex(),
-            "query": query_id.hex(),
+            "query": query_id.hex() if query_id else None,
             "complete": bool(expected) and expected <= self.ledger.voters(rid),
             "votes": votes,
             "ledger_root": self.ledger.root(),

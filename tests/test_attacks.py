@@ -35,6 +35,7 @@ async def test_equivocator_is_slashed_once_on_every_node_with_the_same_evidence(
             assert peers[h]["stake"] == DEPOSIT and peers[h]["status"] == "active"
     assert len(evidence) == 1  # the same canonical evidence everywhere
     rid, first, second = evidence.pop()
+    assert rid in {body["round"] for _, body, _ in answers}
     messages = [cluster.url("ada") + f"/message/{mid}" for mid in (first, second)]
     bodies = [get_json(url) for url in messages]
     assert {b["author"] for b in bodies} == {next(pid for pid, p in ledgers["ada"]["peers"].items()

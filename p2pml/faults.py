@@ -1,0 +1,342 @@
+"""Fault injection in the manner of Jepsen: a real cluster under load, faults, heal, check.
+
+The harness re-executes itself inside a network namespace it creates (root and iproute2 needed),
+where the five peers listen on 127.0.0.11-15 and connect from their own addresses, so that
+nftables rules in that namespace (and only there) can cut, split or thin out the links between
+them. Process faults are signals sent, by pid, to the peers this harness started.
+
+The checker, after every fault is healed: every query a client got a 200 for is held, with a
+settled round, by every peer (lost = 0); no peer holds more rounds than clients asked for
+(nothing appears that no one sent); all roots agree, and how long that took; no honest peer
+was slashed.
+
+    python -m p2pml.faults [--rounds N] [--fault-seconds S] [--kinds kill9,pause,...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from p2pml.cluster import LocalCluster, free_ports, write_network
+from p2pml.ledger import DEPOSIT
+
+NAMESPACE_ENV = "P2PML_FAULTS_NETNS"
+HOSTS = [f"127.0.0.{11 + i}" for i in range(5)]
+FAULT_KINDS = ("kill9", "pause", "isolate", "split", "bridge", "one_way", "loss", "restart_all")
+CLIENTS = 4  # concurrent clients of the load
+CLIENT_TIMEOUT_S = 3.0
+CONVERGE_LIMIT_S = 30.0
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def can_run() -> str | None:
+    """Why the harness cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (iproute2, nftables)"
+    return None
+
+
+class Firewall:
+    """nftables rules in the harness's own namespace, on the peers' addresses only."""
+
+    def __init__(self) -> None:
+        self.nft("add table inet p2pml")
+        self.nft("add chain inet p2pml out { type filter hook output priority 0 ; policy accept ; }")
+
+    @staticmethod
+    def nft(rule: str) -> None:
+        sh("nft", rule)
+
+    def cut(self, a: list[str], b: list[str], both_ways: bool = True) -> None:
+        for x in a:
+            for y in b:
+                self.nft(f"add rule inet p2pml out ip saddr {x} ip daddr {y} drop")
+                if both_ways:
+                    self.nft(f"add rule inet p2pml out ip saddr {y} ip daddr {x} drop")
+
+    def loss(self, hosts: list[str], percent: int) -> None:
+        group = "{ " + ", ".join(hosts) + " }"
+        self.nft(f"add rule inet p2pml out ip saddr {group} ip daddr {group} "
+                 f"numgen random mod 100 < {percent} drop")
+
+    def heal(self) -> None:
+        self.nft("flush chain inet p2pml out")
+
+
+def unanimous_rows(n: int = 12) -> list[str]:
+    """Iris rows on which all five models agree, from every class: on these an honest peer
+    never disagrees with the consensus, so any slash would be the faults' doing."""
+    from sklearn.datasets import load_iris
+
+    from p2pml.config import MODEL_KINDS
+    from p2pml.model import Model
+
+    x = load_iris().data
+    labels = [[label for label, _ in Model(k).vote(x, [b""] * len(x))] for k in MODEL_KINDS]
+    agreed = [i for i in range(len(x)) if len({votes[i] for votes in labels}) == 1]
+    picked = [i for c in range(3) for i in agreed if labels[0][i] == c][:: max(1, len(agreed) // n)]
+    return [",".join(f"{v:g}" for v in x[i]) for i in picked]
+
+
+@dataclass
+class Load:
+    """Clients sending Iris rows to the peers in turn; bounded in time by ``stop``."""
+
+    urls: list[str]
+    rows: list[str]
+    acked: list[tuple[str, str, str]] = field(default_factory=list)  # (query, round, fault)
+    attempts: int = 0
+    failures: int = 0
+    phase: str = ""
+
+    async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        rows = self.rows
+
+        async def client(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                url = f"{self.urls[i % len(self.urls)]}/predict?features={rows[i % len(rows)]}"
+                i += 1
+                self.attempts += 1
+                try:
+                    async with session.get(url) as r:
+                        body = await r.json(content_type=None)
+                        if r.status == 200:
+                            self.acked.append((body["query"], body["round"], self.phase))
+                        else:
+                            self.failures += 1
+                except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                    self.failures += 1
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(client(k) for k in range(CLIENTS)))
+
+
+@dataclass
+class Outcome:
+    kind: str
+    acked: int = 0
+    converge_s: list[float] = field(default_factory=list)
+    slashed: set[str] = field(default_factory=set)
+
+
+class Harness:
+    def __init__(self, root: Path, fault_seconds: float, seed: int):
+        ports = free_ports(5, host=HOSTS[0])
+        peers = write_network(root / "peers.toml", ports, hosts=HOSTS, query_timeout_ms=300,
+                              anti_entropy_interval_ms=200, request_timeout_ms=1000)
+        self.cluster = LocalCluster(peers, root / "data", log_level="WARNING")
+        self.fw = Firewall()
+        self.rng = random.Random(seed)
+        self.hold = fault_seconds
+        self.load = Load([self.cluster.url(n) for n in self.cluster.names], unanimous_rows())
+        self.hosts = {p.name: p.host for p in self.cluster.net.peers}
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    async def fault(self, kind: str) -> None:
+        names = self.cluster.names
+        pick = self.rng.sample(names, len(names))
+        hosts = [self.hosts[n] for n in pick]
+        if kind == "kill9":
+            self.cluster.kill(pick[0])
+            await asyncio.sleep(self.hold)
+            self.cluster.start(pick[0])
+            await asyncio.to_thread(self.cluster.wait_healthy, 60, [pick[0]])
+        elif kind == "pause":
+            self.cluster.signal(pick[0], signal.SIGSTOP)
+            await asyncio.sleep(self.hold)
+            self.cluster.signal(pick[0], signal.SIGCONT)
+        elif kind == "restart_all":
+            await asyncio.to_thread(self.cluster.stop)
+            self.cluster.start()
+            await asyncio.to_thread(self.cluster.wait_healthy, 60)
+            await asyncio.sleep(self.hold)
+        else:
+            if kind == "isolate":
+                self.fw.cut(hosts[:1], hosts[1:])
+            elif kind == "split":
+                self.fw.cut(hosts[:2], hosts[2:])
+            elif kind == "bridge":  # 0 and 1 reach each other only through 2
+                self.fw.cut(hosts[:1], hosts[1:2])
+                self.fw.cut(hosts[:2], hosts[3:])
+            elif kind == "one_way":
+                self.fw.cut(hosts[:1], hosts[1:], both_ways=False)
+            elif kind == "loss":
+                self.fw.loss(hosts, 20)
+            else:
+                raise ValueError(f"unknown fault {kind!r}")
+            await asyncio.sleep(self.hold)
+            self.fw.heal()
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def run(self, kinds: list[str], rounds: int) -> dict:
+        self.cluster.start()
+        await asyncio.to_thread(self.cluster.wait_healthy, 60)
+        await asyncio.to_thread(self.cluster.wait_registered, 60)
+        outcomes = {k: Outcome(k) for k in kinds}
+        timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for _ in range(rounds):
+                for kind in kinds:
+                    stop = asyncio.Event()
+                    self.load.phase = kind
+                    before = len(self.load.acked)
+                    load = asyncio.create_task(self.load.run(session, stop))
+                    try:
+                        await self.fault(kind)
+                    finally:
+                        self.fw.heal()
+                        stop.set()
+                        await load
+                    outcomes[kind].acked += len(self.load.acked) - before
+                    outcomes[kind].converge_s.append(await asyncio.to_thread(self.converge))
+                    outcomes[kind].slashed |= self.slashed() - set().union(
+                        *(o.slashed for o in outcomes.values() if o.kind != kind))
+            report = await self.check(session)
+        report["faults"] = {k: {"acked": o.acked, "lost": report["lost_by_fault"].get(k, 0),
+                                "converge_median_s": _median(o.converge_s),
+                                "converge_max_s": max(o.converge_s),
+                                "honest_slashed": sorted(o.slashed)} for k, o in outcomes.items()}
+        return report
+
+    def slashed(self) -> set[str]:
+        """Peers (all honest here) that any ledger shows slashed or ejected."""
+        return {p["name"] for lg in self.cluster.ledgers().values() for p in lg["peers"].values()
+                if p["stake"] != DEPOSIT or p["status"] != "active"}
+
+    def converge(self) -> float:
+        """Seconds until every peer reports the same root and message count (inf: never)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < CONVERGE_LIMIT_S:
+            ledgers = self.cluster.ledgers()
+            if len(ledgers) == len(self.cluster.names) and \
+                    len({(lg["root"], lg["messages"]) for lg in ledgers.values()}) == 1:
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        return float("inf")
+
+    async def check(self, session: aiohttp.ClientSession) -> dict:
+        lost = unsettled = 0
+        lost_by_fault: dict[str, int] = {}
+        sem = asyncio.Semaphore(16)
+
+        async def held(url: str, qid: str, rid: str) -> tuple[bool, bool]:
+            async with sem:
+                async with session.get(f"{url}/message/{qid}") as r:
+                    if r.status != 200:
+                        return False, False
+                async with session.get(f"{url}/round/{rid}") as r:
+                    body = await r.json(content_type=None)
+                    return True, r.status == 200 and body.get("prediction") is not None
+
+        for name in self.cluster.names:
+            url = self.cluster.url(name)
+            results = await asyncio.gather(*(held(url, q, r) for q, r, _ in self.load.acked))
+            for (h, s), (_, _, kind) in zip(results, self.load.acked):
+                lost += not h
+                unsettled += h and not s
+                if not h:
+                    lost_by_fault[kind] = lost_by_fault.get(kind, 0) + 1
+        ledgers = self.cluster.ledgers()
+        honest_slashed = sorted(self.slashed())
+        return {
+            "lost_by_fault": lost_by_fault,
+            "acked": len(self.load.acked),
+            "attempts": self.load.attempts,
+            "lost": lost,
+            "unsettled": unsettled,
+            "phantom_rounds": max(0, max(lg["rounds"] for lg in ledgers.values()) - self.load.attempts),
+            "roots_equal": len({lg["root"] for lg in ledgers.values()}) == 1 and len(ledgers) == 5,
+            "honest_slashed": honest_slashed,
+        }
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def report_table(report: dict) -> str:
+    header = f"{'fault':<12} {'acked':>6} {'lost':>5} {'converge median s':>18} {'converge max s':>15}"
+    lines = [header + "  honest slashed"]
+    for kind, r in report["faults"].items():
+        lines.append(f"{kind:<12} {r['acked']:>6} {r['lost']:>5} {r['converge_median_s']:>18.2f} "
+                     f"{r['converge_max_s']:>15.2f}  {', '.join(r['honest_slashed']) or 'none'}")
+    lines.append(f"acknowledged {report['acked']} of {report['attempts']} queries; lost {report['lost']}, "
+                 f"unsettled {report['unsettled']}, phantom rounds {report['phantom_rounds']}, "
+                 f"roots equal: {report['roots_equal']}, honest peers slashed: "
+                 f"{', '.join(report['honest_slashed']) or 'none'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m p2pml.faults", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=1, help="times each fault kind is applied")
+    ap.add_argument("--fault-seconds", type=float, default=3.0, help="how long each fault lasts")
+    ap.add_argument("--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in kinds if k not in FAULT_KINDS]
+    if bad or not kinds or args.rounds < 1 or args.fault_seconds <= 0:
+        ap.error(f"--kinds from {', '.join(FAULT_KINDS)}; --rounds >= 1; --fault-seconds > 0"
+                 + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    why = can_run()
+    if why:
+        print(f"p2pml.faults: cannot run: {why}", file=sys.stderr)
+        return 2
+    if os.environ.get(NAMESPACE_ENV) is None:
+        return _in_new_namespace(sys.argv[1:] if argv is None else argv)
+    root = Path(tempfile.mkdtemp(prefix="p2pml-faults-"))
+    harness = Harness(root, args.fault_seconds, args.seed)
+    try:
+        report = asyncio.run(harness.run(kinds, args.rounds))
+    finally:
+        harness.fw.heal()
+        harness.cluster.stop()
+    report["data"] = str(root)
+    print(json.dumps(report) if args.json else report_table(report))
+    ok = report["lost"] == 0 and report["phantom_rounds"] == 0 and report["roots_equal"] \
+        and not report["honest_slashed"]
+    return 0 if ok else 1
+
+
+def _in_new_namespace(argv: list[str]) -> int:
+    """Run this module again inside a fresh network namespace, which is deleted afterwards."""
+    name = f"p2pml-faults-{os.getpid()}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+        env = {**os.environ, NAMESPACE_ENV: name}
+        cmd = ["ip", "netns", "exec", name, sys.executable, "-m", "p2pml.faults", *argv]
+        return subprocess.run(cmd, env=env, check=False).returncode
+    finally:
+        sh("ip", "netns", "delete", name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

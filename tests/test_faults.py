@@ -1,0 +1,30 @@
+"""The fast fault-injection run (each fault kind once, 2 s each) against real node processes in a
+network namespace of its own; the long run is scripts/faults.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from p2pml.faults import FAULT_KINDS, can_run
+
+pytestmark = pytest.mark.skipif(can_run() is not None, reason=f"fault injection {can_run()}")
+
+
+def test_every_fault_kind_loses_nothing_and_converges():
+    r = subprocess.run([sys.executable, "-m", "p2pml.faults", "--fault-seconds", "2", "--json"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.stdout.strip(), r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["lost"] == 0 and report["unsettled"] == 0, report
+    assert report["phantom_rounds"] == 0
+    assert report["roots_equal"] is True
+    assert report["honest_slashed"] == []
+    assert set(report["faults"]) == set(FAULT_KINDS)
+    for kind, r_kind in report["faults"].items():
+        assert r_kind["acked"] > 0, kind  # the side(s) that can answer keep answering
+        assert r_kind["converge_max_s"] < 10, (kind, r_kind)
+    assert r.returncode == 0
