@@ -75,13 +75,15 @@ def pin_keys(net: NetworkConfig, data_root: Path, path: Path) -> Path:
 
 class LocalCluster:
     def __init__(self, peers_file: str | Path, data_root: str | Path,
-                 behaviors: dict[str, str] | None = None, log_level: str = "INFO"):
+                 behaviors: dict[str, str] | None = None, log_level: str = "INFO",
+                 bind_hosts: dict[str, str] | None = None):
         self.data_root = Path(data_root)
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.peers_file = pin_keys(load(peers_file), self.data_root, self.data_root / "peers.pinned.toml")
         self.net: NetworkConfig = load(self.peers_file)
         self.behaviors = behaviors or {}
         self.log_level = log_level
+        self.bind_hosts = bind_hosts or {}  # peers that listen elsewhere than they are reached
         self.procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -89,7 +91,9 @@ class LocalCluster:
         return [p.name for p in self.net.peers]
 
     def url(self, name: str) -> str:
-        return next(p.url for p in self.net.peers if p.name == name)
+        """Where this harness reaches the peer: where it listens (peers may go through a proxy)."""
+        peer = next(p for p in self.net.peers if p.name == name)
+        return f"http://{self.bind_hosts.get(name, peer.host)}:{peer.port}"
 
     def start(self, name: str | None = None) -> None:
         """Start one peer, or all of them."""
@@ -103,6 +107,8 @@ class LocalCluster:
                    "--peers", str(self.peers_file), "--data-dir", str(data),
                    "--behavior", self.behaviors.get(peer.name, "honest"),
                    "--log-level", self.log_level]
+            if peer.name in self.bind_hosts:
+                cmd += ["--host", self.bind_hosts[peer.name]]
             with open(self.data_root / f"{peer.name}.log", "ab") as logf:
                 self.procs[peer.name] = subprocess.Popen(
                     cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

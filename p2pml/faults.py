@@ -35,8 +35,13 @@ from p2pml.cluster import LocalCluster, free_ports, write_network
 from p2pml.ledger import DEPOSIT
 
 NAMESPACE_ENV = "P2PML_FAULTS_NETNS"
-HOSTS = [f"127.0.0.{11 + i}" for i in range(5)]
-FAULT_KINDS = ("kill9", "pause", "isolate", "split", "bridge", "one_way", "loss", "restart_all")
+HOSTS = [f"127.0.0.{11 + i}" for i in range(5)]  # where peers are reached (through a proxy)
+BIND_HOSTS = [f"127.0.0.{21 + i}" for i in range(5)]  # where they really listen
+FAULT_KINDS = ("kill9", "pause", "isolate", "split", "bridge", "one_way", "loss", "delay",
+               "restart_all")
+DELAY_S = 0.05  # the delay fault: every chunk on every link 50 ms late,
+SPIKE_S = 0.3  # and one chunk in SPIKE_ONE_IN 300 ms more
+SPIKE_ONE_IN = 10
 CLIENTS = 4  # concurrent clients of the load
 CLIENT_TIMEOUT_S = 3.0
 CONVERGE_LIMIT_S = 30.0
@@ -98,6 +103,52 @@ def unanimous_rows(n: int = 12) -> list[str]:
     return [",".join(f"{v:g}" for v in x[i]) for i in picked]
 
 
+class DelayProxy:
+    """Stands at a peer's address and forwards to where it really listens, holding each chunk
+    back by ``delay`` (plus an occasional spike): added latency where tc netem is not to be had.
+    Order within a connection is kept."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], rng: random.Random):
+        self.listen, self.target, self.rng = listen, target, rng
+        self.delay = 0.0
+        self.spike = 0.0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, *self.listen)
+
+    async def close(self) -> None:
+        self._server.close()
+        for t in self._pipes:
+            t.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        for r, w in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(r, w))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(64 * 1024):
+                wait = self.delay + (self.spike if self.rng.randrange(SPIKE_ONE_IN) == 0 else 0.0)
+                if wait:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
 @dataclass
 class Load:
     """Clients sending Iris rows to the peers in turn; bounded in time by ``stop``."""
@@ -145,12 +196,22 @@ class Harness:
         ports = free_ports(5, host=HOSTS[0])
         peers = write_network(root / "peers.toml", ports, hosts=HOSTS, query_timeout_ms=300,
                               anti_entropy_interval_ms=200, request_timeout_ms=1000)
-        self.cluster = LocalCluster(peers, root / "data", log_level="WARNING")
+        self.cluster = LocalCluster(peers, root / "data", log_level="WARNING",
+                                    bind_hosts=dict(zip(self._names(peers), BIND_HOSTS)))
         self.fw = Firewall()
         self.rng = random.Random(seed)
         self.hold = fault_seconds
+        self.proxies = [DelayProxy((HOSTS[i], port), (BIND_HOSTS[i], port), self.rng)
+                        for i, port in enumerate(ports)]
+        # Clients talk to the peers directly: the faults are between peers.
         self.load = Load([self.cluster.url(n) for n in self.cluster.names], unanimous_rows())
         self.hosts = {p.name: p.host for p in self.cluster.net.peers}
+
+    @staticmethod
+    def _names(peers_file: Path) -> list[str]:
+        from p2pml.config import load
+
+        return [p.name for p in load(peers_file).peers]
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -184,14 +245,28 @@ class Harness:
                 self.fw.cut(hosts[:1], hosts[1:], both_ways=False)
             elif kind == "loss":
                 self.fw.loss(hosts, 20)
+            elif kind == "delay":
+                for proxy in self.proxies:
+                    proxy.delay, proxy.spike = DELAY_S, SPIKE_S
             else:
                 raise ValueError(f"unknown fault {kind!r}")
             await asyncio.sleep(self.hold)
             self.fw.heal()
+            for proxy in self.proxies:
+                proxy.delay = proxy.spike = 0.0
 
     # -- the run --------------------------------------------------------------------------------
 
     async def run(self, kinds: list[str], rounds: int) -> dict:
+        for proxy in self.proxies:
+            await proxy.start()
+        try:
+            return await self._run(kinds, rounds)
+        finally:
+            for proxy in self.proxies:
+                await proxy.close()
+
+    async def _run(self, kinds: list[str], rounds: int) -> dict:
         self.cluster.start()
         await asyncio.to_thread(self.cluster.wait_healthy, 60)
         await asyncio.to_thread(self.cluster.wait_registered, 60)
@@ -212,7 +287,7 @@ class Harness:
                         await load
                     outcomes[kind].acked += len(self.load.acked) - before
                     outcomes[kind].converge_s.append(await asyncio.to_thread(self.converge))
-                    outcomes[kind].slashed |= self.slashed() - set().union(
+                    outcomes[kind].slashed |= await asyncio.to_thread(self.slashed) - set().union(
                         *(o.slashed for o in outcomes.values() if o.kind != kind))
             report = await self.check(session)
         report["faults"] = {k: {"acked": o.acked, "lost": report["lost_by_fault"].get(k, 0),
@@ -259,8 +334,8 @@ class Harness:
                 unsettled += h and not s
                 if not h:
                     lost_by_fault[kind] = lost_by_fault.get(kind, 0) + 1
-        ledgers = self.cluster.ledgers()
-        honest_slashed = sorted(self.slashed())
+        ledgers = await asyncio.to_thread(self.cluster.ledgers)
+        honest_slashed = sorted(await asyncio.to_thread(self.slashed))
         return {
             "lost_by_fault": lost_by_fault,
             "acked": len(self.load.acked),

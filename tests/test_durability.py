@@ -80,3 +80,26 @@ async def test_torn_log_tail_is_dropped_and_recovered_from_peers(make_cluster):
     cluster.wait_healthy(names=["cy"])
     assert converged_root(cluster) == root  # the lost record came back from the others
     assert "damaged bytes at offset" in (cluster.data_root / "cy.log").read_text()
+
+
+async def test_kill_9_at_random_moments_under_load_never_leaves_a_torn_file(make_cluster):
+    import asyncio
+    import json
+    import random
+
+    from p2pml.store import LEDGER_FILE
+
+    cluster = make_cluster(3)
+    rng = random.Random(3)
+    load = asyncio.ensure_future(ask(cluster, ROWS * 40, concurrency=6, targets=["ada", "bo"]))
+    for _ in range(5):
+        await asyncio.sleep(rng.uniform(0.05, 0.6))
+        cluster.kill("cy")  # whatever it was writing, log record or ledger.json
+        ledger_file = cluster.data_root / "cy" / LEDGER_FILE
+        if ledger_file.exists():
+            json.loads(ledger_file.read_text())  # the complete old or new view, never torn
+        cluster.start("cy")
+        await asyncio.to_thread(cluster.wait_healthy, 60, ["cy"])
+    answers = await load
+    assert all(status == 200 for status, _, _ in answers)
+    converged_root(cluster)
