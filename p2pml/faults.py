@@ -156,6 +156,7 @@ class Load:
     urls: list[str]
     rows: list[str]
     acked: list[tuple[str, str, str]] = field(default_factory=list)  # (query, round, fault)
+    answered_by: dict[str, set[int]] = field(default_factory=dict)  # fault -> peers that answered
     attempts: int = 0
     failures: int = 0
     phase: str = ""
@@ -166,7 +167,8 @@ class Load:
         async def client(k: int) -> None:
             i = k
             while not stop.is_set():
-                url = f"{self.urls[i % len(self.urls)]}/predict?features={rows[i % len(rows)]}"
+                peer = i % len(self.urls)
+                url = f"{self.urls[peer]}/predict?features={rows[i % len(rows)]}"
                 i += 1
                 self.attempts += 1
                 try:
@@ -174,6 +176,7 @@ class Load:
                         body = await r.json(content_type=None)
                         if r.status == 200:
                             self.acked.append((body["query"], body["round"], self.phase))
+                            self.answered_by.setdefault(self.phase, set()).add(peer)
                         else:
                             self.failures += 1
                 except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
@@ -291,6 +294,7 @@ class Harness:
                         *(o.slashed for o in outcomes.values() if o.kind != kind))
             report = await self.check(session)
         report["faults"] = {k: {"acked": o.acked, "lost": report["lost_by_fault"].get(k, 0),
+                                "peers_answering": len(self.load.answered_by.get(k, ())),
                                 "converge_median_s": _median(o.converge_s),
                                 "converge_max_s": max(o.converge_s),
                                 "honest_slashed": sorted(o.slashed)} for k, o in outcomes.items()}
@@ -354,10 +358,12 @@ def _median(values: list[float]) -> float:
 
 
 def report_table(report: dict) -> str:
-    header = f"{'fault':<12} {'acked':>6} {'lost':>5} {'converge median s':>18} {'converge max s':>15}"
+    header = (f"{'fault':<12} {'acked':>6} {'answering':>9} {'lost':>5} {'converge median s':>18} "
+              f"{'converge max s':>15}")
     lines = [header + "  honest slashed"]
     for kind, r in report["faults"].items():
-        lines.append(f"{kind:<12} {r['acked']:>6} {r['lost']:>5} {r['converge_median_s']:>18.2f} "
+        lines.append(f"{kind:<12} {r['acked']:>6} {r['peers_answering']:>7}/5 {r['lost']:>5} "
+                     f"{r['converge_median_s']:>18.2f} "
                      f"{r['converge_max_s']:>15.2f}  {', '.join(r['honest_slashed']) or 'none'}")
     lines.append(f"acknowledged {report['acked']} of {report['attempts']} queries; lost {report['lost']}, "
                  f"unsettled {report['unsettled']}, phantom rounds {report['phantom_rounds']}, "
