@@ -136,6 +136,9 @@ async def ledger(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
+    if node.key_conflict:
+        return web.json_response({"status": "key in use elsewhere", "error": node.key_conflict},
+                                 status=503)
     return web.json_response({"status": "ok", "peer": node.id, "name": node.me.name,
                               "model": node.me.model, "behavior": node.model.behavior,
                               "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
@@ -164,11 +167,13 @@ async def gossip(request: web.Request) -> web.Response:
 
 
 async def gossip_ws(request: web.Request) -> web.WebSocketResponse:
-    """A peer's push stream: each binary frame is one gossip batch, handled like POST /gossip
-    (without an answer: what is lost is repaired by anti-entropy)."""
+    """A peer's push stream: each binary frame is one gossip batch, checked like POST /gossip,
+    but neither answered nor waited on for its fsync (it is written in the background): the
+    sender keeps its own copy, and what a crash loses here anti-entropy brings back."""
     node = request.app[NODE]
     source = request.headers.get(PEER_HEADER) or request.remote or "?"
-    ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES)
+    ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES,
+                               heartbeat=node.net.request_timeout_ms / 1000)  # a vanished peer is cut
     await ws.prepare(request)
     node.gossip.heard_from(request.headers.get(PEER_HEADER))
     async for msg in ws:

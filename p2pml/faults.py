@@ -42,8 +42,8 @@ FAULT_KINDS = ("kill9", "pause", "isolate", "split", "bridge", "one_way", "loss"
 DELAY_S = 0.05  # the delay fault: every chunk on every link 50 ms late,
 SPIKE_S = 0.3  # and one chunk in SPIKE_ONE_IN 300 ms more
 SPIKE_ONE_IN = 10
-CLIENTS = 4  # concurrent clients of the load
-CLIENT_TIMEOUT_S = 3.0
+CLIENTS = 6  # concurrent clients of the load
+CLIENT_TIMEOUT_S = 1.0  # below any fault's length: a client stuck on a dead peer comes back
 CONVERGE_LIMIT_S = 30.0
 
 
@@ -72,12 +72,18 @@ class Firewall:
     def nft(rule: str) -> None:
         sh("nft", rule)
 
-    def cut(self, a: list[str], b: list[str], both_ways: bool = True) -> None:
+    def cut(self, a: list[str], b: list[str]) -> None:
         for x in a:
             for y in b:
                 self.nft(f"add rule inet p2pml out ip saddr {x} ip daddr {y} drop")
-                if both_ways:
-                    self.nft(f"add rule inet p2pml out ip saddr {y} ip daddr {x} drop")
+                self.nft(f"add rule inet p2pml out ip saddr {y} ip daddr {x} drop")
+
+    def one_way(self, a: list[str], b: list[str]) -> None:
+        """``a`` cannot open connections to ``b``; ``b`` can still reach ``a`` (and be answered).
+        (Dropping every packet one way would break TCP both ways: that is ``cut``.)"""
+        for x in a:
+            for y in b:
+                self.nft(f"add rule inet p2pml out ip saddr {x} ip daddr {y} ct state new drop")
 
     def loss(self, hosts: list[str], percent: int) -> None:
         group = "{ " + ", ".join(hosts) + " }"
@@ -156,8 +162,10 @@ class Load:
     urls: list[str]
     rows: list[str]
     acked: list[tuple[str, str, str]] = field(default_factory=list)  # (query, round, fault)
-    answered_by: dict[str, set[int]] = field(default_factory=dict)  # fault -> peers that answered
+    answered_by: set[int] = field(default_factory=set)  # peers that answered while counting
+    counting: bool = False  # True while a fault is in force
     attempts: int = 0
+    attempts_to: dict[int, int] = field(default_factory=dict)
     failures: int = 0
     phase: str = ""
 
@@ -171,12 +179,14 @@ class Load:
                 url = f"{self.urls[peer]}/predict?features={rows[i % len(rows)]}"
                 i += 1
                 self.attempts += 1
+                self.attempts_to[peer] = self.attempts_to.get(peer, 0) + 1
                 try:
                     async with session.get(url) as r:
                         body = await r.json(content_type=None)
                         if r.status == 200:
                             self.acked.append((body["query"], body["round"], self.phase))
-                            self.answered_by.setdefault(self.phase, set()).add(peer)
+                            if self.counting:
+                                self.answered_by.add(peer)
                         else:
                             self.failures += 1
                 except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
@@ -192,6 +202,7 @@ class Outcome:
     acked: int = 0
     converge_s: list[float] = field(default_factory=list)
     slashed: set[str] = field(default_factory=set)
+    answering: list[int] = field(default_factory=list)  # peers answering, per occurrence
 
 
 class Harness:
@@ -204,8 +215,8 @@ class Harness:
         self.fw = Firewall()
         self.rng = random.Random(seed)
         self.hold = fault_seconds
-        self.proxies = [DelayProxy((HOSTS[i], port), (BIND_HOSTS[i], port), self.rng)
-                        for i, port in enumerate(ports)]
+        self.proxies = [DelayProxy((HOSTS[i], port), (BIND_HOSTS[i], port), random.Random(seed * 100 + i))
+                        for i, port in enumerate(ports)]  # own generators: fault picks stay seeded
         # Clients talk to the peers directly: the faults are between peers.
         self.load = Load([self.cluster.url(n) for n in self.cluster.names], unanimous_rows())
         self.hosts = {p.name: p.host for p in self.cluster.net.peers}
@@ -219,23 +230,25 @@ class Harness:
     # -- faults ---------------------------------------------------------------------------------
 
     async def fault(self, kind: str) -> None:
+        """Apply one fault under load, hold it (answers counted meanwhile), heal it."""
         names = self.cluster.names
         pick = self.rng.sample(names, len(names))
         hosts = [self.hosts[n] for n in pick]
         if kind == "kill9":
+            await asyncio.sleep(self.rng.uniform(0.1, self.hold / 2))  # mid-load, writes in flight
             self.cluster.kill(pick[0])
-            await asyncio.sleep(self.hold)
+            await self.held()
             self.cluster.start(pick[0])
             await asyncio.to_thread(self.cluster.wait_healthy, 60, [pick[0]])
         elif kind == "pause":
             self.cluster.signal(pick[0], signal.SIGSTOP)
-            await asyncio.sleep(self.hold)
+            await self.held()
             self.cluster.signal(pick[0], signal.SIGCONT)
         elif kind == "restart_all":
             await asyncio.to_thread(self.cluster.stop)
             self.cluster.start()
             await asyncio.to_thread(self.cluster.wait_healthy, 60)
-            await asyncio.sleep(self.hold)
+            await self.held()
         else:
             if kind == "isolate":
                 self.fw.cut(hosts[:1], hosts[1:])
@@ -245,7 +258,7 @@ class Harness:
                 self.fw.cut(hosts[:1], hosts[1:2])
                 self.fw.cut(hosts[:2], hosts[3:])
             elif kind == "one_way":
-                self.fw.cut(hosts[:1], hosts[1:], both_ways=False)
+                self.fw.one_way(hosts[:1], hosts[1:])
             elif kind == "loss":
                 self.fw.loss(hosts, 20)
             elif kind == "delay":
@@ -253,10 +266,16 @@ class Harness:
                     proxy.delay, proxy.spike = DELAY_S, SPIKE_S
             else:
                 raise ValueError(f"unknown fault {kind!r}")
-            await asyncio.sleep(self.hold)
+            await self.held()
             self.fw.heal()
             for proxy in self.proxies:
                 proxy.delay = proxy.spike = 0.0
+
+    async def held(self) -> None:
+        self.load.answered_by = set()
+        self.load.counting = True
+        await asyncio.sleep(self.hold)
+        self.load.counting = False
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -289,12 +308,13 @@ class Harness:
                         stop.set()
                         await load
                     outcomes[kind].acked += len(self.load.acked) - before
+                    outcomes[kind].answering.append(len(self.load.answered_by))
                     outcomes[kind].converge_s.append(await asyncio.to_thread(self.converge))
                     outcomes[kind].slashed |= await asyncio.to_thread(self.slashed) - set().union(
                         *(o.slashed for o in outcomes.values() if o.kind != kind))
             report = await self.check(session)
         report["faults"] = {k: {"acked": o.acked, "lost": report["lost_by_fault"].get(k, 0),
-                                "peers_answering": len(self.load.answered_by.get(k, ())),
+                                "peers_answering": min(o.answering),
                                 "converge_median_s": _median(o.converge_s),
                                 "converge_max_s": max(o.converge_s),
                                 "honest_slashed": sorted(o.slashed)} for k, o in outcomes.items()}
@@ -328,15 +348,17 @@ class Harness:
                         return False, False
                 async with session.get(f"{url}/round/{rid}") as r:
                     body = await r.json(content_type=None)
-                    return True, r.status == 200 and body.get("prediction") is not None
+                    return True, r.status == 200 and body.get("settled") is not False
 
+        missing: set[str] = set()
         for name in self.cluster.names:
             url = self.cluster.url(name)
             results = await asyncio.gather(*(held(url, q, r) for q, r, _ in self.load.acked))
-            for (h, s), (_, _, kind) in zip(results, self.load.acked):
-                lost += not h
+            for (h, s), (qid, _, kind) in zip(results, self.load.acked):
                 unsettled += h and not s
-                if not h:
+                if not h and qid not in missing:  # a query is lost if any peer lacks it
+                    missing.add(qid)
+                    lost += 1
                     lost_by_fault[kind] = lost_by_fault.get(kind, 0) + 1
         ledgers = await asyncio.to_thread(self.cluster.ledgers)
         honest_slashed = sorted(await asyncio.to_thread(self.slashed))
@@ -346,10 +368,61 @@ class Harness:
             "attempts": self.load.attempts,
             "lost": lost,
             "unsettled": unsettled,
-            "phantom_rounds": max(0, max(lg["rounds"] for lg in ledgers.values()) - self.load.attempts),
             "roots_equal": len({lg["root"] for lg in ledgers.values()}) == 1 and len(ledgers) == 5,
             "honest_slashed": honest_slashed,
         }
+
+
+    def audit(self) -> int:
+        """After the run, from every peer's log: each query was asked by a cluster key, holds
+        only rows the clients sent, and no peer asked more rows than it was sent. Returns the
+        number of rows that break this (what appeared that no one sent)."""
+        from p2pml.ledger import Query
+        from p2pml.store import DataDir
+        from p2pml.wire import Verifier
+
+        verifier = Verifier(self.cluster.net.genesis().id())
+        peer_of = {p.key: i for i, p in enumerate(self.cluster.net.peers)}
+        sent = {tuple(float(x) for x in row.split(",")) for row in self.load.rows}
+        asked: dict[int, int] = {}
+        seen: set[bytes] = set()
+        bad = 0
+        for name in self.cluster.names:
+            data = DataDir(self.cluster.data_root / name)
+            try:
+                records = data.read_log()
+            finally:
+                data.close()
+            for raw in records:
+                msg = verifier.open(raw).msg
+                if not isinstance(msg.body, Query) or msg.id in seen:
+                    continue
+                seen.add(msg.id)
+                if msg.author not in peer_of:
+                    bad += len(msg.body.items)
+                    continue
+                bad += sum(row not in sent for row in msg.body.items)
+                asked[peer_of[msg.author]] = asked.get(peer_of[msg.author], 0) + len(msg.body.items)
+        return bad + sum(max(0, n - self.load.attempts_to.get(i, 0)) for i, n in asked.items())
+
+
+def verdict(report: dict) -> list[str]:
+    """Everything that is wrong with a run (empty: it passed)."""
+    wrong = []
+    for key in ("lost", "unsettled", "phantom_rounds"):
+        if report[key]:
+            wrong.append(f"{key} = {report[key]}")
+    if not report["roots_equal"]:
+        wrong.append("roots differ")
+    if report["honest_slashed"]:
+        wrong.append(f"honest peers slashed: {report['honest_slashed']}")
+    for kind, r in report["faults"].items():
+        if r["converge_max_s"] == float("inf"):
+            wrong.append(f"{kind}: never converged within {CONVERGE_LIMIT_S:.0f}s")
+        need = 4 if kind in ("kill9", "pause") else 5  # a killed or paused peer cannot answer
+        if r["peers_answering"] < need:
+            wrong.append(f"{kind}: only {r['peers_answering']} peers answered during the fault")
+    return wrong
 
 
 def _median(values: list[float]) -> float:
@@ -366,9 +439,10 @@ def report_table(report: dict) -> str:
                      f"{r['converge_median_s']:>18.2f} "
                      f"{r['converge_max_s']:>15.2f}  {', '.join(r['honest_slashed']) or 'none'}")
     lines.append(f"acknowledged {report['acked']} of {report['attempts']} queries; lost {report['lost']}, "
-                 f"unsettled {report['unsettled']}, phantom rounds {report['phantom_rounds']}, "
+                 f"unsettled {report['unsettled']}, rows nobody sent {report['phantom_rounds']}, "
                  f"roots equal: {report['roots_equal']}, honest peers slashed: "
                  f"{', '.join(report['honest_slashed']) or 'none'}")
+    lines.append("PASS" if not report["wrong"] else "FAIL: " + "; ".join(report["wrong"]))
     return "\n".join(lines)
 
 
@@ -399,11 +473,14 @@ def main(argv=None) -> int:
     finally:
         harness.fw.heal()
         harness.cluster.stop()
-    report["data"] = str(root)
+    report["phantom_rounds"] = harness.audit()
+    report["wrong"] = verdict(report)
+    if report["wrong"]:
+        report["data"] = str(root)  # kept for a look
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(report) if args.json else report_table(report))
-    ok = report["lost"] == 0 and report["phantom_rounds"] == 0 and report["roots_equal"] \
-        and not report["honest_slashed"]
-    return 0 if ok else 1
+    return 1 if report["wrong"] else 0
 
 
 def _in_new_namespace(argv: list[str]) -> int:

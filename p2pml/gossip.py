@@ -288,6 +288,14 @@ class Gossip:
                 turn += 1
             await asyncio.gather(*(self._reconcile_safely(self.links[n]) for n in sorted(due)))
 
+    async def reconcile_all(self, timeout: float) -> None:
+        """One reconciliation with every peer at once, for at most ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._reconcile_safely(link) for link in self.links.values())), timeout)
+        except TimeoutError:
+            log.info("start-up reconciliation incomplete after %.1fs", timeout)
+
     async def _reconcile_safely(self, link: Link) -> None:
         try:
             await self.reconcile(link)

@@ -300,6 +300,8 @@ class Ledger:
         self._state = State()
         self._root: str | None = None
         self._seats: dict[bytes, Message] = {}  # key -> its winning registration
+        self._registered: set[bytes] = set()  # keys with a valid registration (seat or not)
+        self._round_author: dict[bytes, bytes] = {}  # round -> the key that asked
         self._members: dict[bytes, str] = {}  # key -> peer id, for the members of genesis_state
         self._outcomes: dict[bytes, Outcome] = {}
 
@@ -310,14 +312,16 @@ class Ledger:
         if msg.id in self.messages:
             return None
         body = msg.body
-        if not isinstance(body, Register) and msg.author not in self._seats:
-            # [IGNORE] not held: re-offered by anti-entropy once its registration is here
+        if not isinstance(body, Register) and msg.author not in self._registered:
+            # [IGNORE] not held: re-offered by anti-entropy once its registration is here.
+            # (Whether the key holds a seat is decided in the fold: seats can change hands.)
             return "author holds no seat (no registration held for this key)"
         if isinstance(body, Register):
             reason = self._check_register(msg.author, body)
             if reason:
                 return reason
             self._registrations.setdefault(body.name, []).append(msg)
+            self._registered.add(msg.author)
             seats = self._assign_seats()
             if seats.keys() != self._seats.keys():  # membership changed: replay from genesis
                 self._checkpoints = []
@@ -328,6 +332,7 @@ class Ledger:
                 rid = round_id(msg.id, i)
                 key = (body.lamport, rid)
                 self._queries[rid] = key
+                self._round_author[rid] = msg.author
                 pos = bisect.bisect_left(self._order, key)
                 self._order.insert(pos, key)
                 self._mark_dirty(pos)
@@ -446,6 +451,9 @@ class Ledger:
             self._outcomes = {r: o for r, o in self._outcomes.items() if r in keep}
 
     def _process_round(self, state: State, rid: bytes) -> None:
+        if self._round_author[rid] not in self._members:
+            self._outcomes[rid] = Outcome(rid, None, ())  # asked by a key that holds no seat
+            return
         voters: list[tuple[PeerState, Vote, bytes]] = []
         for author, contents in sorted(self._votes.get(rid, {}).items()):
             pid = self._members.get(author)

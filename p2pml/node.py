@@ -11,7 +11,7 @@ from aiohttp import web
 from p2pml.api import make_app
 from p2pml.config import ConfigError, load
 from p2pml.model import BEHAVIORS
-from p2pml.service import Node
+from p2pml.service import KeyInUse, Node
 from p2pml.store import DataDir, StoreError, default_data_dir
 
 log = logging.getLogger("p2pml.node")
@@ -57,6 +57,9 @@ def main(argv=None) -> int:
                     shutdown_timeout=2)
     except OSError as exc:
         print(f"{prog}: error: cannot listen on {host}:{me.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyInUse as exc:
+        print(f"{prog}: error: refusing to run: {exc}", file=sys.stderr)
         return 2
     return 0
 

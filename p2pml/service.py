@@ -37,9 +37,14 @@ from p2pml.wire import MAX_ITEMS, MAX_LAMPORT, Identity, Signed, Verifier, WireE
 log = logging.getLogger(__name__)
 
 LEDGER_WRITE_INTERVAL_S = 1.0  # ledger.json is a view: rewritten at most this often
-INLINE_ROWS = 8  # model calls on at most this many rows run on the loop (about 1-4 ms)
-MAX_QUEUED_QUERIES = 16 * MAX_ITEMS
-OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)  # /predict calls waiting for a batch; more get 503
+INLINE_ROWS = 8  # model calls on at most this many rows run on the loop (about 0.2-0.8 ms)
+MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
+STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
+OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
+
+
+class KeyInUse(RuntimeError):
+    """Another process signs with this node's key: running on could make it equivocate."""
 
 
 class Unavailable(RuntimeError):
@@ -73,6 +78,7 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self._written_root = ""
         self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0}
+        self.key_conflict: str | None = None  # set once a vote by our key that we never signed shows up
         self._load()
 
     # -- start-up and shutdown ------------------------------------------------------------------
@@ -95,7 +101,13 @@ class Node:
             self.data.commit_now()
 
     async def start(self) -> None:
+        """Hear from the peers first: if the network holds a vote by our key that our log does
+        not, another process has this key (or this data dir is an old copy); refuse to run."""
         await self.gossip.start()
+        await self.gossip.reconcile_all(STARTUP_SYNC_S)
+        if self.key_conflict:
+            await self.gossip.close()
+            raise KeyInUse(self.key_conflict)
         self._tasks += [
             asyncio.create_task(self._query_loop(), name="queries"),
             asyncio.create_task(self._vote_loop(), name="votes"),
@@ -161,6 +173,8 @@ class Node:
                 reason = self._hold(signed)
                 if reason is None:
                     accepted += 1
+                    if signed.msg.author == self.identity.key and isinstance(signed.msg.body, Votes):
+                        self._foreign_own_vote(signed.msg.id, source)
                     continue
             rejected += 1
             if len(errors) < 8:
@@ -176,6 +190,13 @@ class Node:
         await asyncio.sleep(0)  # let the votes this batch woke join the same fsync
         await self.data.commit()
         return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
+
+    def _foreign_own_vote(self, mid: bytes, source: str) -> None:
+        """Our votes are on disk before they leave, so one we do not hold was signed elsewhere."""
+        if self.key_conflict is None:
+            self.key_conflict = (f"another process is signing with this node's key (vote {mid.hex()[:16]} "
+                                 f"from {source} is not in {self.data.path}); stopped voting")
+            log.critical("%s", self.key_conflict)
 
     # -- own messages ---------------------------------------------------------------------------
 
@@ -206,8 +227,10 @@ class Node:
             if self.net.batch_window_ms:
                 await asyncio.sleep(self.net.batch_window_ms / 1000)
             while self._queries:
-                batch = self._queries[:MAX_ITEMS]
+                batch = [(row, fut) for row, fut in self._queries[:MAX_ITEMS] if not fut.done()]
                 del self._queries[:MAX_ITEMS]
+                if not batch:  # their clients gave up (503 or gone): no round for them
+                    continue
                 try:
                     signed = self.identity.sign(
                         self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
@@ -241,6 +264,8 @@ class Node:
 
     async def _vote(self, batch: list, loop: asyncio.AbstractEventLoop) -> None:
         """Predict, sign and publish one vote message for ``batch`` of (round, row, issuer)."""
+        if self.key_conflict:
+            return  # never risk a conflicting vote under a key someone else is using
         rounds = [rid for rid, _, _ in batch]
         rows = np.array([row for _, row, _ in batch], dtype=np.float64)
         if len(rows) <= INLINE_ROWS:  # a thread hop costs more than a small model call
@@ -275,6 +300,8 @@ class Node:
 
     async def predict(self, row: tuple[float, ...]) -> dict:
         """Open a round for ``row``, wait for the votes (or the timeout), answer the consensus."""
+        if self.key_conflict:
+            raise Unavailable(self.key_conflict)
         if len(self._queries) >= MAX_QUEUED_QUERIES:
             raise Unavailable(f"overloaded: {len(self._queries)} queries already waiting")
         fut = asyncio.get_running_loop().create_future()
@@ -301,7 +328,11 @@ class Node:
         """How this node's ledger decided a round (None: no query for it is held)."""
         if rid not in self.ledger.queries:
             return None
-        return self.answer(rid, None)
+        view = self.answer(rid, None)
+        # settled: decided by at least one counted vote; None: too old, its outcome not kept
+        kept = self.ledger.outcome(rid)
+        view["settled"] = None if kept is None else kept.consensus is not None
+        return view
 
     def answer(self, rid: bytes, query_id: bytes | None,
                expected: frozenset[bytes] = frozenset()) -> dict:

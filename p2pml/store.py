@@ -138,10 +138,21 @@ class DataDir:
         self._pending.extend(raws)
 
     def _write(self, records: list[bytes]) -> None:
+        """Append and fsync; on failure cut the file back to where it was, so that a torn
+        write never sits in front of records written (and acknowledged) after it."""
         f = self._open_log()
-        f.write(b"".join(RECORD_HEADER.pack(len(r), zlib.crc32(r)) + r for r in records))
-        f.flush()
-        os.fsync(f.fileno())
+        start = f.tell()
+        try:
+            f.write(b"".join(RECORD_HEADER.pack(len(r), zlib.crc32(r)) + r for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            self._log = None
+            f.close()
+            with open(self.path / LOG_FILE, "r+b") as g:
+                g.truncate(start)
+                os.fsync(g.fileno())
+            raise
 
     async def commit(self) -> None:
         """Make everything appended so far durable. Concurrent callers share one fsync; the
@@ -153,21 +164,30 @@ class DataDir:
         records, self._pending = self._pending, []
         self._commit = asyncio.ensure_future(asyncio.to_thread(self._write, records))
         self._commit.add_done_callback(self._committed)
-        await asyncio.shield(self._commit)
+        try:
+            await asyncio.shield(self._commit)
+        except OSError:
+            self._pending[:0] = records  # not written: they go with the next commit
+            raise
 
     def commit_soon(self) -> None:
-        """Start a commit of what is pending unless one is under way (whose end starts the
-        next): for intake that acknowledges nothing, so nobody needs to wait for the disk."""
-        if self._pending and (self._commit is None or self._commit.done()):
-            task = asyncio.ensure_future(self.commit())
+        """Make what is pending durable without anyone waiting: for intake that acknowledges
+        nothing. One background task commits until nothing is pending."""
+        if self._pending and not self._soon:
+            task = asyncio.ensure_future(self._commit_all())
             self._soon.add(task)
             task.add_done_callback(self._soon.discard)
+
+    async def _commit_all(self) -> None:
+        while self._pending:
+            try:
+                await self.commit()
+            except OSError:
+                await asyncio.sleep(1.0)  # logged by _committed; the disk may come back
 
     def _committed(self, fut: asyncio.Future) -> None:
         if self._commit is fut:
             self._commit = None
-            if self._pending and self._soon:  # more arrived meanwhile from unacknowledged intake
-                self.commit_soon()
         if not fut.cancelled() and fut.exception() is not None:
             log.error("writing %s failed: %s", self.path / LOG_FILE, fut.exception())
 

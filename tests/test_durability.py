@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -83,7 +84,6 @@ async def test_torn_log_tail_is_dropped_and_recovered_from_peers(make_cluster):
 
 
 async def test_kill_9_at_random_moments_under_load_never_leaves_a_torn_file(make_cluster):
-    import asyncio
     import json
     import random
 
@@ -103,3 +103,31 @@ async def test_kill_9_at_random_moments_under_load_never_leaves_a_torn_file(make
     answers = await load
     assert all(status == 200 for status, _, _ in answers)
     converged_root(cluster)
+
+
+async def test_a_second_process_with_the_same_key_refuses_to_run(make_cluster, tmp_path):
+    """A copy of a peer's key started elsewhere (another address, an empty data dir) hears the
+    original's votes from the network at start-up, and refuses to sign anything."""
+    cluster = make_cluster(3)
+    await ask(cluster, ROWS * 3)
+    cluster.wait_converged(timeout=10)
+    clone_dir = tmp_path / "clone"
+    clone_dir.mkdir(mode=0o700)
+    key = (cluster.data_root / "ada" / "node.key").read_bytes()
+    (clone_dir / "node.key").write_bytes(key)
+    (clone_dir / "node.key").chmod(0o600)
+    # The same network (same seats and keys), with ada's seat at another loopback address.
+    text = cluster.peers_file.read_text().replace('host = "127.0.0.1"\nport = ', 'host = "127.0.0.1"\nport = ', 1)
+    ada_port = cluster.net.peers[0].port
+    text = text.replace(f'host = "127.0.0.1"\nport = {ada_port}', f'host = "127.0.0.2"\nport = {ada_port}')
+    (tmp_path / "clone.toml").write_text(text)
+    r = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "p2pml.node", "--port", str(ada_port), "--peers",
+                         str(tmp_path / "clone.toml"), "--data-dir", str(clone_dir)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "refusing to run: another process is signing with this node's key" in r.stderr
+    # The original runs on, undisturbed, and the network agrees.
+    answers = await ask(cluster, ROWS)
+    assert all(status == 200 and len(body["votes"]) == 3 for status, body, _ in answers)
+    assert get_json(cluster.url("ada") + "/health")["status"] == "ok"

@@ -19,6 +19,7 @@ def test_every_fault_kind_loses_nothing_and_converges():
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.stdout.strip(), r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["wrong"] == [], report["wrong"]
     assert report["lost"] == 0 and report["unsettled"] == 0, report
     assert report["phantom_rounds"] == 0
     assert report["roots_equal"] is True
@@ -26,7 +27,7 @@ def test_every_fault_kind_loses_nothing_and_converges():
     assert set(report["faults"]) == set(FAULT_KINDS)
     for kind, r_kind in report["faults"].items():
         assert r_kind["acked"] > 0, kind
-        if kind in ("isolate", "split", "bridge", "one_way", "loss", "delay"):
-            assert r_kind["peers_answering"] == 5, (kind, r_kind)  # every side keeps answering
+        # every side keeps answering while the fault is in force (a killed or paused peer cannot)
+        assert r_kind["peers_answering"] >= (4 if kind in ("kill9", "pause") else 5), (kind, r_kind)
         assert r_kind["converge_max_s"] < 10, (kind, r_kind)
     assert r.returncode == 0

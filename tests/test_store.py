@@ -402,3 +402,45 @@ def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert default_data_dir(8003) == tmp_path / "p2pml" / "peer-8003"
     assert default_data_dir(8003) != default_data_dir(8004)
+
+
+async def test_background_commit_drains_what_arrives_during_another_commit(tmp_path, opened):
+    d = opened(tmp_path)
+    d.read_log()
+    d.append([b"vote"])
+    first = asyncio.create_task(d.commit())
+    await asyncio.sleep(0)  # a commit is in flight
+    d.append([b"ws-batch"])
+    d.commit_soon()  # unacknowledged intake: nobody waits
+    await first
+    for _ in range(200):
+        if not d._pending and not d._soon:
+            break
+        await asyncio.sleep(0.01)
+    opened.close(d)
+    assert reread(tmp_path, opened) == [b"vote", b"ws-batch"]
+
+
+async def test_failed_write_is_cut_back_and_retried(tmp_path, opened, monkeypatch):
+    d = opened(tmp_path)
+    d.read_log()
+    d.append([b"first"])
+    await d.commit()
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    d.append([b"second"])
+    with pytest.raises(OSError):
+        await d.commit()
+    d.append([b"third"])
+    await d.commit()  # acknowledged: it must survive a restart, behind nothing torn
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    opened.close(d)
+    assert reread(tmp_path, opened) == [b"first", b"second", b"third"]
