@@ -20,6 +20,7 @@ from p2pml.gossip import Gossip, Holdings
 from p2pml.ledger import (
     CLASSES,
     DEPOSIT,
+    PROBA_ONE,
     Ledger,
     Message,
     Query,
@@ -79,6 +80,7 @@ class Node:
         self._written_root = ""
         self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0}
         self.key_conflict: str | None = None  # set once a vote by our key that we never signed shows up
+        self._adopting = False  # at start after a damaged log: own votes from peers are ours
         self._load()
 
     # -- start-up and shutdown ------------------------------------------------------------------
@@ -104,7 +106,12 @@ class Node:
         """Hear from the peers first: if the network holds a vote by our key that our log does
         not, another process has this key (or this data dir is an old copy); refuse to run."""
         await self.gossip.start()
+        self._adopting = bool(self.data.damaged_tail)
+        if self._adopting:
+            log.warning("the log lost its tail: votes by this key that the peers hold are taken as "
+                        "this node's own (another process with this key cannot be told apart now)")
         await self.gossip.reconcile_all(STARTUP_SYNC_S)
+        self._adopting = False
         if self.key_conflict:
             await self.gossip.close()
             raise KeyInUse(self.key_conflict)
@@ -192,8 +199,9 @@ class Node:
         return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
 
     def _foreign_own_vote(self, mid: bytes, source: str) -> None:
-        """Our votes are on disk before they leave, so one we do not hold was signed elsewhere."""
-        if self.key_conflict is None:
+        """Our votes are on disk before they leave, so one we do not hold was signed elsewhere
+        (unless our log lost its tail: then it may be ours, and holding it is what we need)."""
+        if self.key_conflict is None and not self._adopting:
             self.key_conflict = (f"another process is signing with this node's key (vote {mid.hex()[:16]} "
                                  f"from {source} is not in {self.data.path}); stopped voting")
             log.critical("%s", self.key_conflict)
@@ -348,6 +356,7 @@ class Node:
             votes.append({
                 "peer": cv.peer, "name": peer.name, "model": peer.model,
                 "prediction": CLASSES[cv.label],
+                "probabilities": {c: p / PROBA_ONE for c, p in zip(CLASSES, cv.proba)},
                 "weight": cv.weight, "stake": cv.stake,
                 "message": cv.message.hex(), "signature": self.signature_of(cv.message).hex(),
             })

@@ -69,6 +69,7 @@ class DataDir:
         self._pending: list[bytes] = []
         self._commit: asyncio.Future | None = None
         self._soon: set[asyncio.Task] = set()
+        self.damaged_tail = 0  # bytes cut off the log's end at the last read_log
 
     # -- key ------------------------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class DataDir:
             records.append(payload)
             pos = end
         if pos < len(data):
+            self.damaged_tail = len(data) - pos
             log.warning("%s: dropping %d damaged bytes at offset %d after %d intact records",
                         path, len(data) - pos, pos, len(records))
             with open(path, "r+b") as f:

@@ -66,7 +66,8 @@ async def test_predict_three_ways_agree(node, http):
     assert len({a["round"], b["round"], c["round"]}) == 3
     for r in (a, b, c):
         assert len(r["votes"]) == 2 and r["complete"] is True
-        assert {"peer", "prediction", "weight", "signature"} <= set(r["votes"][0])
+        assert {"peer", "prediction", "probabilities", "weight", "signature"} <= set(r["votes"][0])
+        assert abs(sum(r["votes"][0]["probabilities"].values()) - 1) < 1e-5
         assert len(r["ledger_root"]) == 64
 
 

@@ -70,17 +70,34 @@ def test_damaged_data_dir_fails_clearly(tmp_path):
 
 
 async def test_torn_log_tail_is_dropped_and_recovered_from_peers(make_cluster):
+    """The log is torn inside the node's own last vote, which its peers already hold: the node
+    drops the tail, takes its own vote back from them (it cannot tell it from an impostor's
+    then, and holding it is what keeps it from voting twice), and converges."""
+    from p2pml.ledger import Votes
+    from p2pml.store import RECORD_HEADER
+    from p2pml.wire import Verifier
+
     cluster = make_cluster(3)
     await ask(cluster, ROWS * 5)
     root = converged_root(cluster)
     cluster.stop("cy")
     log = cluster.data_root / "cy" / LOG_FILE
     data = log.read_bytes()
-    log.write_bytes(data[: len(data) - 7])  # a crash in the middle of the last record
+    verifier, key = Verifier(cluster.net.genesis().id()), cluster.net.peers[2].key
+    pos, own_vote_at = len(LOG_MAGIC), None
+    while pos < len(data):
+        length, _ = RECORD_HEADER.unpack_from(data, pos)
+        msg = verifier.open(data[pos + 8 : pos + 8 + length]).msg
+        if msg.author == key and isinstance(msg.body, Votes):
+            own_vote_at = pos
+        pos += 8 + length
+    assert own_vote_at is not None
+    log.write_bytes(data[: own_vote_at + 20])  # a crash in the middle of writing it
     cluster.start("cy")
     cluster.wait_healthy(names=["cy"])
-    assert converged_root(cluster) == root  # the lost record came back from the others
-    assert "damaged bytes at offset" in (cluster.data_root / "cy.log").read_text()
+    assert converged_root(cluster) == root  # everything lost came back from the others
+    text = (cluster.data_root / "cy.log").read_text()
+    assert "damaged bytes at offset" in text and "taken as this node's own" in text
 
 
 async def test_kill_9_at_random_moments_under_load_never_leaves_a_torn_file(make_cluster):
