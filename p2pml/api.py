@@ -212,32 +212,27 @@ async def fetch(request: web.Request) -> web.Response:
     return web.Response(body=answer, content_type=MSGPACK)
 
 
-async def message(request: web.Request) -> web.Response:
+def _lookup(request: web.Request, what: str, size: int, find) -> web.Response:
+    """``GET /{what}/{id}``: the id is ``size`` bytes in hex; 404 if ``find`` knows nothing of it."""
     text = request.match_info["id"]
     try:
-        mid = bytes.fromhex(text)
+        key = bytes.fromhex(text)
     except ValueError:
-        mid = b""
-    if len(mid) != 32:
-        raise BadInput("a message id is 64 hex digits")
-    found = request.app[NODE].message(mid)
+        key = b""
+    if len(key) != size:
+        raise BadInput(f"a {what} id is {2 * size} hex digits")
+    found = find(key)
     if found is None:
-        raise web.HTTPNotFound(text=f"no message {text}")
+        raise web.HTTPNotFound(text=f"no {what} {text}")
     return web.json_response(found)
+
+
+async def message(request: web.Request) -> web.Response:
+    return _lookup(request, "message", 32, request.app[NODE].message)
 
 
 async def round_(request: web.Request) -> web.Response:
-    text = request.match_info["id"]
-    try:
-        rid = bytes.fromhex(text)
-    except ValueError:
-        rid = b""
-    if len(rid) != 16:
-        raise BadInput("a round id is 32 hex digits")
-    found = request.app[NODE].round_view(rid)
-    if found is None:
-        raise web.HTTPNotFound(text=f"no round {text}")
-    return web.json_response(found)
+    return _lookup(request, "round", 16, request.app[NODE].round_view)
 
 
 @web.middleware

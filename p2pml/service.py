@@ -3,7 +3,7 @@
 Every state change, this node's own included, enters through ``_hold`` as a signed message:
 checked, appended to the log, folded into the ledger. Queries and votes are batched: whatever
 queued while the previous batch was being signed, predicted and committed goes into the next
-one, so one signature, one model call and one gossip POST serve many queries under load.
+one, so one signature, one model call and one gossip frame serve many queries under load.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class Node:
         self.model = Model(me.model, behavior, self.identity.key)
         self.gossip = Gossip(me.name, [p for p in net.peers if p.name != me.name], self.holdings,
                              self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms,
+                             # connect from our own loopback address (a firewall can then tell
+                             # peers apart); elsewhere the system picks the route's address
                              local_host=me.host if me.host.startswith("127.") else None)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._lamport = 0

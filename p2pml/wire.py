@@ -30,8 +30,8 @@ ROUND_BYTES = 16
 # Limits, each with its reason (docs/protocol.md lists them too).
 MAX_BODY_BYTES = 64 * 1024  # a full query batch of MAX_ITEMS rows is about 10 KiB
 MAX_ITEMS = 256  # rows per query message, votes per vote message: bounds one model call
-MAX_BATCH_MESSAGES = 1024  # envelopes per gossip POST: bounds verification work per request
-MAX_BATCH_BYTES = MAX_BATCH_MESSAGES * 2 * 1024  # a gossip POST body; larger is refused unread
+MAX_BATCH_MESSAGES = 1024  # envelopes per gossip batch (POST or frame): bounds verification work
+MAX_BATCH_BYTES = MAX_BATCH_MESSAGES * 2 * 1024  # a gossip batch; larger is refused unread
 MAX_NAME_CHARS = 64
 MAX_LAMPORT = 2**53  # keeps lamport clocks exact in any JSON reader
 FEATURE_RANGE = (0.0, 100.0)  # centimetres; Iris is well inside, and float32 models stay finite
