@@ -74,7 +74,6 @@ class Node:
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
         self._query_wake = asyncio.Event()
         self._to_vote: list[tuple[bytes, tuple[float, ...], bytes]] = []  # round, row, issuer
-        self._writing: dict[bytes, bytes] = {}  # own messages held but not yet durable: unserved
         self._names: dict[bytes, str] = {}  # key -> seat name, from registrations: for routing
         self._vote_wake = asyncio.Event()
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
@@ -139,17 +138,14 @@ class Node:
 
     # -- intake ---------------------------------------------------------------------------------
 
-    def _hold(self, signed: Signed, log_it: bool = True, serve: bool = True) -> str | None:
-        """Accept a verified message: ledger, log, and (if ``serve``) the holdings peers are
-        served from. Returns a rejection reason or None."""
+    def _hold(self, signed: Signed, log_it: bool = True) -> str | None:
+        """Accept a verified message: ledger, holdings (what peers are served from) and, if
+        ``log_it``, the log. Returns a rejection reason or None."""
         msg = signed.msg
         reason = self.ledger.add(msg)
         if reason:
             return reason
-        if serve:
-            self.holdings.add(msg.id, signed.raw)
-        else:
-            self._writing[msg.id] = signed.raw
+        self.holdings.add(msg.id, signed.raw)
         if log_it:
             self.data.append([signed.raw])
         body = msg.body
@@ -217,18 +213,19 @@ class Node:
 
     async def _publish(self, signed: Signed, urgent_to: set[str] | None = None,
                        durable_first: bool = True) -> None:
-        """Hold, send, and make durable. A vote is on disk before it is sent, so no restart can
-        lead this node to sign a conflicting one; a query may travel while it is being written
-        (any query is valid), and is durable before this returns, so before any client hears of it."""
-        reason = self._hold(signed, serve=not durable_first)
+        """Hold, send, and make durable. A vote is on disk before anything else sees it (the
+        ledger, an answer, a peer), so no restart can lead this node to sign a conflicting one; a
+        query may travel while it is being written (any query is valid), and is durable before
+        this returns, so before any client hears of it."""
+        if durable_first:
+            self.data.append([signed.raw])
+            await self.data.commit()
+        reason = self._hold(signed, log_it=not durable_first)
         if reason:  # pragma: no cover - our own messages are built valid
             raise RuntimeError(f"own message rejected: {reason}")
+        self.gossip.broadcast([signed.raw], urgent_to)
         if not durable_first:
-            self.gossip.broadcast([signed.raw], urgent_to)
-        await self.data.commit()
-        if durable_first:
-            self.holdings.add(signed.msg.id, self._writing.pop(signed.msg.id))  # served once durable
-            self.gossip.broadcast([signed.raw], urgent_to)
+            await self.data.commit()
 
     async def _query_loop(self) -> None:
         while True:
@@ -377,7 +374,7 @@ class Node:
         }
 
     def signature_of(self, mid: bytes) -> bytes:
-        return msgpack.unpackb(self.holdings.raw.get(mid) or self._writing[mid])[2]
+        return msgpack.unpackb(self.holdings.raw[mid])[2]
 
     def message(self, mid: bytes) -> dict | None:
         raw = self.holdings.raw.get(mid)
