@@ -2,7 +2,8 @@
 
 Read top to bottom, like a consensus spec: constants, message types, state, helpers, then
 the round transition. Nothing here reads a clock, draws a random number, touches the disk or
-the network, or stores a float. Messages reach this module already authenticated (their
+the network, or computes with a float (a query's feature rows are floats, carried but never used
+here; the state and its canonical form are integers and strings). Messages reach this module already authenticated (their
 signature checked by ``p2pml.wire``); this module checks what they say.
 
 Determinism: rounds are applied in the order of ``(query lamport, round id)``, which depends on
