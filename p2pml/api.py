@@ -142,7 +142,8 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "peer": node.id, "name": node.me.name,
                               "model": node.me.model, "behavior": node.model.behavior,
                               "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
-                              "intake": node.stats, "pushes": node.gossip.pushes})
+                              "intake": node.stats, "pushes": node.gossip.pushes,
+                              "outbox_dropped": {n: link.dropped for n, link in node.gossip.links.items()}})
 
 
 async def _msgpack_body(request: web.Request):

@@ -485,11 +485,3 @@ class Ledger:
             peer.agreed += agreed
             process_accuracy(state, peer, agreed)
         self._outcomes[rid] = Outcome(rid, consensus, counted)
-
-
-def replay(genesis: Genesis, messages) -> Ledger:
-    """A fresh ledger folded over ``messages``: the reference the incremental path must match."""
-    ledger = Ledger(genesis)
-    for msg in messages:
-        ledger.add(msg)
-    return ledger
