@@ -339,6 +339,7 @@ class Harness:
     async def check(self, session: aiohttp.ClientSession) -> dict:
         lost = unsettled = 0
         lost_by_fault: dict[str, int] = {}
+        unsettled_by_fault: dict[str, int] = {}
         sem = asyncio.Semaphore(16)
 
         async def held(url: str, qid: str, rid: str) -> tuple[bool, bool]:
@@ -356,6 +357,8 @@ class Harness:
             results = await asyncio.gather(*(held(url, q, r) for q, r, _ in self.load.acked))
             for (h, s), (qid, _, kind) in zip(results, self.load.acked):
                 unsettled += h and not s
+                if h and not s:
+                    unsettled_by_fault[kind] = unsettled_by_fault.get(kind, 0) + 1
                 if not h and qid not in missing:  # a query is lost if any peer lacks it
                     missing.add(qid)
                     lost += 1
@@ -364,6 +367,7 @@ class Harness:
         honest_slashed = sorted(await asyncio.to_thread(self.slashed))
         return {
             "lost_by_fault": lost_by_fault,
+            "unsettled_by_fault": unsettled_by_fault,
             "acked": len(self.load.acked),
             "attempts": self.load.attempts,
             "lost": lost,

@@ -6,6 +6,11 @@ the network, or computes with a float (a query's feature rows are floats, carrie
 here; the state and its canonical form are integers and strings). Messages reach this module already authenticated (their
 signature checked by ``p2pml.wire``); this module checks what they say.
 
+Votes are committed before they are seen: a peer first signs the hash of its vote (``Commit``),
+and reveals the vote (``Reveal``) once it holds the others' commits, listing whose commits it
+held. A vote counts only if most of the other revealers' power saw its commit before revealing,
+so a vote made after looking at the others' (a copycat's) is never judged nor counted.
+
 Determinism: rounds are applied in the order of ``(query lamport, round id)``, which depends on
 message content alone; votes are iterated in sorted author order; every quantity is an integer.
 A message that arrives late dirties the ledger from its round on, and the next read replays from
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 # Constants (docs/ledger.md explains each one)
 # ---------------------------------------------------------------------------------------------
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 CLASSES = ("setosa", "versicolor", "virginica")
 
 DEPOSIT = 1000  # stake, in whole tokens, that every registration brings
@@ -40,6 +45,7 @@ EQUIVOCATION_SLASH_BPS = 5_000  # 50% of stake, then ejected for good
 BPS = 10_000  # basis points in one whole
 
 PROBA_ONE = 1_000_000  # class probabilities travel as integers in millionths
+COMMIT_DOMAIN = b"p2pml/commit\x00"  # a commitment hash means nothing elsewhere
 
 STATUS_ACTIVE = "active"
 STATUS_EJECTED = "ejected"
@@ -70,18 +76,32 @@ class Query:
 
 
 @dataclass(frozen=True, slots=True)
-class Vote:
+class Commit:
+    """A vote, hidden: ``digest = commitment(author, round, label, proba, salt)``."""
+
+    round: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reveal:
+    """The vote behind a commit, and whose commits on this round the author held when it
+    revealed (``seen``, keys): the evidence of who could not have copied this vote."""
+
     round: bytes
     label: int
     proba: tuple[int, ...]
+    salt: bytes
+    seen: frozenset[bytes]
 
 
 @dataclass(frozen=True, slots=True)
 class Votes:
-    """One peer's votes on one or more rounds, under one signature."""
+    """One peer's commits on new rounds and reveals on earlier ones, under one signature."""
 
     lamport: int
-    votes: tuple[Vote, ...]
+    commits: tuple[Commit, ...]
+    reveals: tuple[Reveal, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +151,14 @@ class PeerState:
     agreed: int = 0
     slashed: int = 0
     equivocation: tuple[str, str, str] | None = None  # (round, message id, message id)
+    late: int = 0  # votes committed after most of the others had revealed: neither judged nor counted
+    unrevealed: int = 0  # judged commits whose vote was never revealed (each judged a disagreement)
 
     def copy(self) -> PeerState:
         return PeerState(
             self.name, self.model, self.key, self.stake, self.weight, self.status, self.reason,
-            self.history, self.votes, self.agreed, self.slashed, self.equivocation,
+            self.history, self.votes, self.agreed, self.slashed, self.equivocation, self.late,
+            self.unrevealed,
         )
 
     def canonical(self) -> dict:
@@ -152,6 +175,8 @@ class PeerState:
             "agreed": self.agreed,
             "slashed": self.slashed,
             "equivocation": list(self.equivocation) if self.equivocation else None,
+            "late": self.late,
+            "unrevealed": self.unrevealed,
         }
 
 
@@ -180,7 +205,8 @@ class CountedVote:
     proba: tuple[int, ...]
     weight: int  # the voter's weight and stake before this round
     stake: int
-    message: bytes
+    message: bytes  # the reveal (the lowest id among the reveals of this vote)
+    commit: bytes  # the commit it opens
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +216,9 @@ class Outcome:
     round: bytes
     consensus: int | None
     votes: tuple[CountedVote, ...]
+    late: tuple[str, ...] = ()  # peer ids whose vote came too late to count
+    late_votes: tuple[CountedVote, ...] = ()  # the revealed ones among them (shown, not counted)
+    unrevealed: tuple[str, ...] = ()  # peer ids judged for a commit they never revealed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +240,15 @@ def round_id(query_id: bytes, index: int) -> bytes:
     return hashlib.sha256(query_id + index.to_bytes(4, "big")).digest()[:16]
 
 
+def commitment(author: bytes, rid: bytes, label: int, proba: tuple[int, ...], salt: bytes) -> bytes:
+    """What a Commit carries. The author is inside, so nobody can commit to another's hash
+    and reveal that peer's vote as its own; the salt makes three possible labels unguessable."""
+    parts = [COMMIT_DOMAIN, author, rid, bytes([label])]
+    parts += [p.to_bytes(4, "big") for p in proba]
+    parts.append(salt)
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
 def compute_root(state: State) -> str:
     return hashlib.sha256(_canonical_json(state.canonical())).hexdigest()
 
@@ -219,17 +257,40 @@ def is_active(peer: PeerState) -> bool:
     return peer.status == STATUS_ACTIVE
 
 
-def compute_consensus(voters: list[tuple[PeerState, Vote]]) -> int:
-    """Among the classes voted for, the one with the largest voting power (stake x weight);
-    if no voter has any power, the one with the most votes; ties go to the lowest class."""
-    power = [0] * len(CLASSES)
-    count = [0] * len(CLASSES)
-    for peer, vote in voters:
-        power[vote.label] += peer.stake * peer.weight
-        count[vote.label] += 1
-    if not any(power):
-        power = count
-    return max((c for c in range(len(CLASSES)) if count[c]), key=lambda c: (power[c], -c))
+def power(peer: PeerState) -> int:
+    return peer.stake * peer.weight
+
+
+def compute_consensus(voters: list[tuple[PeerState, int]]) -> int:
+    """Among the classes voted for (``(peer, label)``), the one with the largest voting power
+    (stake x weight); if no voter has any power, the one with the most votes; ties go to the
+    lowest class."""
+    by_power = [0] * len(CLASSES)
+    by_count = [0] * len(CLASSES)
+    for peer, label in voters:
+        by_power[label] += power(peer)
+        by_count[label] += 1
+    score = by_power if any(by_power) else by_count
+    return max((c for c in range(len(CLASSES)) if by_count[c]), key=lambda c: (score[c], -c))
+
+
+def vouchers(peer: PeerState, revealed: list[tuple[PeerState, int, frozenset[bytes]]]) -> list:
+    """The other revealers ``(peer, label)`` that held ``peer``'s commit before revealing: votes
+    ``peer`` provably could not have seen when it committed (a reveal cannot list a commit that
+    did not exist yet), so the ones it is fairly judged against."""
+    return [(p, label) for p, label, seen in revealed if p is not peer and peer.key in seen]
+
+
+def is_timely(peer: PeerState, revealed: list[tuple[PeerState, int, frozenset[bytes]]]) -> bool:
+    """Whether the vouchers hold more than half of the power of all the other revealers (by
+    count if those have no power). A vote committed after looking at the others' reveals fails
+    this; so does a vote nobody else revealed on."""
+    others = [p for p, _, _ in revealed if p is not peer]
+    listed = [p for p, _ in vouchers(peer, revealed)]
+    total, saw = sum(power(p) for p in others), sum(power(p) for p in listed)
+    if total == 0:
+        total, saw = len(others), len(listed)
+    return bool(listed) and 2 * saw > total
 
 
 def compute_weight(weight: int, agreed: bool) -> int:
@@ -254,14 +315,24 @@ def eject(peer: PeerState, reason: str) -> None:
         peer.reason = reason
 
 
-def slash_equivocation(state: State, peer: PeerState, evidence: tuple[str, str, str]) -> None:
-    """Once per peer, whatever the order or number of pieces of evidence."""
+def slash_equivocation(state: State, peer: PeerState, evidence: tuple[str, str, str],
+                       reason: str = "equivocation") -> None:
+    """Once per peer, whatever the order or number of pieces of evidence. Two different commits
+    on one round, or a reveal that does not match the commit, are both signed contradictions."""
     if peer.equivocation is not None:
         return
     peer.equivocation = evidence
     decrease_stake(state, peer, EQUIVOCATION_SLASH_BPS)
     peer.status = STATUS_EJECTED
-    peer.reason = "equivocation"
+    peer.reason = reason
+
+
+def judge(state: State, peer: PeerState, agreed: bool) -> None:
+    """One judged vote: the weight moves, the counts grow, the accuracy window is checked."""
+    peer.weight = compute_weight(peer.weight, agreed)
+    peer.votes += 1
+    peer.agreed += agreed
+    process_accuracy(state, peer, agreed)
 
 
 def process_accuracy(state: State, peer: PeerState, agreed: bool) -> None:
@@ -293,8 +364,10 @@ class Ledger:
         self._registrations: dict[str, list[Message]] = {}
         self._queries: dict[bytes, tuple[int, bytes]] = {}  # round -> (lamport, round)
         self._order: list[tuple[int, bytes]] = []
-        # round -> author -> {(label, proba): message id}; several entries mean equivocation
-        self._votes: dict[bytes, dict[bytes, dict[tuple, bytes]]] = {}
+        # round -> author -> {digest: lowest message id}; two digests mean equivocation
+        self._commits: dict[bytes, dict[bytes, dict[bytes, bytes]]] = {}
+        # round -> author -> {(label, proba, salt): {seen: lowest message id}}
+        self._reveals: dict[bytes, dict[bytes, dict[tuple, dict[frozenset, bytes]]]] = {}
         self.lamport = 0
         self._checkpoints: list[State] = []  # state before round CHECKPOINT_EVERY * i
         self._dirty: int | None = 0  # first position in _order not reflected in _state
@@ -338,21 +411,24 @@ class Ledger:
                 self._order.insert(pos, key)
                 self._mark_dirty(pos)
         elif isinstance(body, Votes):
-            for vote in body.votes:
-                if not 0 <= vote.label < len(CLASSES):
-                    return f"vote label {vote.label} is not a class index"
-            if len({vote.round for vote in body.votes}) != len(body.votes):
-                return "a vote message holds at most one vote per round"
-            for vote in body.votes:
-                by_author = self._votes.setdefault(vote.round, {})
-                contents = by_author.setdefault(msg.author, {})
-                content = (vote.label, vote.proba)
+            for r in body.reveals:
+                if not 0 <= r.label < len(CLASSES):
+                    return f"vote label {r.label} is not a class index"
+            for items in (body.commits, body.reveals):
+                if len({item.round for item in items}) != len(items):
+                    return "a vote message holds at most one commit and one reveal per round"
+            for c in body.commits:
+                digests = self._commits.setdefault(c.round, {}).setdefault(msg.author, {})
                 # The lowest id, not the first arrival: evidence must not depend on timing.
-                if content not in contents or msg.id < contents[content]:
-                    contents[content] = msg.id
-                key = self._queries.get(vote.round)
-                if key is not None:
-                    self._mark_dirty(bisect.bisect_left(self._order, key))
+                if c.digest not in digests or msg.id < digests[c.digest]:
+                    digests[c.digest] = msg.id
+                self._touch(c.round)
+            for r in body.reveals:
+                contents = self._reveals.setdefault(r.round, {}).setdefault(msg.author, {})
+                variants = contents.setdefault((r.label, r.proba, r.salt), {})
+                if r.seen not in variants or msg.id < variants[r.seen]:
+                    variants[r.seen] = msg.id
+                self._touch(r.round)
         else:  # pragma: no cover - wire builds only the types above
             return f"unknown message type {type(body).__name__}"
         if isinstance(body, Query):  # only queries are ordered by lamport
@@ -371,6 +447,11 @@ class Ledger:
         if slot.key is not None and author != slot.key:
             return f"slot {body.name!r} is pinned to another key"
         return None
+
+    def _touch(self, rid: bytes) -> None:
+        key = self._queries.get(rid)
+        if key is not None:  # otherwise it is counted when (if) the query arrives
+            self._mark_dirty(bisect.bisect_left(self._order, key))
 
     def _mark_dirty(self, pos: int) -> None:
         self._dirty = pos if self._dirty is None else min(self._dirty, pos)
@@ -403,9 +484,25 @@ class Ledger:
         """The rounds whose query is held (a read-only view)."""
         return self._queries.keys()
 
-    def voters(self, rid: bytes) -> set[bytes]:
-        """Keys that hold a vote on this round (counted or not)."""
-        return set(self._votes.get(rid, ()))
+    def committers(self, rid: bytes) -> set[bytes]:
+        """Keys with a commit on this round (valid or not)."""
+        return set(self._commits.get(rid, ()))
+
+    def revealers(self, rid: bytes) -> set[bytes]:
+        """Keys with a reveal on this round (matching or not)."""
+        return set(self._reveals.get(rid, ()))
+
+    def listed(self, rid: bytes) -> set[bytes]:
+        """Keys that any reveal held on this round lists as committed."""
+        return {key for contents in self._reveals.get(rid, {}).values()
+                for variants in contents.values() for seen in variants for key in seen}
+
+    def revealed_labels(self, rid: bytes) -> list[int]:
+        """The label of every reveal held on this round, one per author (in author order)."""
+        return [next(iter(contents))[0] for _, contents in sorted(self._reveals.get(rid, {}).items())]
+
+    def commits_of(self, key: bytes, rid: bytes) -> set[bytes]:
+        return set(self._commits.get(rid, {}).get(key, ()))
 
     # -- the transition -----------------------------------------------------------------------
 
@@ -455,33 +552,68 @@ class Ledger:
         if self._round_author[rid] not in self._members:
             self._outcomes[rid] = Outcome(rid, None, ())  # asked by a key that holds no seat
             return
-        voters: list[tuple[PeerState, Vote, bytes]] = []
-        for author, contents in sorted(self._votes.get(rid, {}).items()):
+        commits = self._commits.get(rid, {})
+        reveals = self._reveals.get(rid, {})
+        revealed: list[tuple[PeerState, int, tuple[int, ...], frozenset[bytes], tuple[bytes, bytes]]] = []
+        unrevealed: list[PeerState] = []
+        for author in sorted(commits.keys() | reveals.keys()):
             pid = self._members.get(author)
-            if pid is None:
-                continue  # not a member (yet): its vote waits, counted if it ever registers
+            digests = commits.get(author)
+            if pid is None or not digests:
+                continue  # not a member (yet), or a reveal waiting for its commit
             peer = state.peers[pid]
-            if len(contents) > 1:
-                first, second = sorted(contents.values())[:2]
+            if len(digests) > 1:
+                first, second = sorted(digests.values())[:2]
                 slash_equivocation(state, peer, (rid.hex(), first.hex(), second.hex()))
+                continue
+            ((digest, commit_id),) = digests.items()
+            contents = reveals.get(author, {})
+            wrong = [mid for content, variants in contents.items()
+                     if commitment(author, rid, *content) != digest for mid in variants.values()]
+            if wrong:
+                slash_equivocation(state, peer, (rid.hex(), commit_id.hex(), min(wrong).hex()),
+                                   "reveal does not match its commit")
                 continue
             if not is_active(peer):
                 continue
-            (label, proba), mid = next(iter(contents.items()))
-            voters.append((peer, Vote(rid, label, proba), mid))
-        if not voters:
+            if not contents:
+                unrevealed.append(peer)
+                continue
+            ((label, proba, _), variants) = next(iter(contents.items()))
+            # Several reveals of one vote (a restart re-reveals): each lists only commits held
+            # before it was signed, so their intersection is what the earliest one saw.
+            seen = frozenset.intersection(*variants)
+            revealed.append((peer, label, proba, seen, (min(variants.values()), commit_id)))
+        evidence = [(p, label, seen) for p, label, _, seen, _ in revealed]
+        timely = {p.key: is_timely(p, evidence) for p in [v[0] for v in revealed] + unrevealed}
+        judged = [v for v in revealed if timely[v[0].key]]
+        missing = [p for p in unrevealed if timely[p.key]]
+        late = sorted((p for p in [v[0] for v in revealed] + unrevealed
+                       if not timely[p.key] and any(v[0] is not p for v in revealed)),
+                      key=lambda p: p.key)
+        # The answer: the timely votes; if none is (the voters were split apart, or one voted
+        # alone), every revealed vote, and then nobody is judged.
+        counted = judged or revealed
+        if not counted:
             self._outcomes[rid] = Outcome(rid, None, ())
             return
-        consensus = compute_consensus([(p, v) for p, v, _ in voters])
-        counted = tuple(
-            CountedVote(self._members[p.key], v.label, v.proba, p.weight, p.stake, mid)
-            for p, v, mid in voters
-        )
+        consensus = compute_consensus([(p, label) for p, label, _, _, _ in counted])
+        votes = tuple(CountedVote(self._members[p.key], label, proba, p.weight, p.stake, *ids)
+                      for p, label, proba, _, ids in counted)
+        late_votes = tuple(CountedVote(self._members[p.key], label, proba, p.weight, p.stake, *ids)
+                           for p, label, proba, _, ids in revealed if any(p is q for q in late))
+        # Each judged vote is compared with the consensus of its vouchers, all computed from the
+        # powers before the round: with the others whose votes it cannot have copied.
+        verdicts = [(peer, label == compute_consensus(vouchers(peer, evidence)))
+                    for peer, label, _, _, _ in judged]
         state.rounds += 1
-        for peer, vote, _ in voters:
-            agreed = vote.label == consensus
-            peer.weight = compute_weight(peer.weight, agreed)
-            peer.votes += 1
-            peer.agreed += agreed
-            process_accuracy(state, peer, agreed)
-        self._outcomes[rid] = Outcome(rid, consensus, counted)
+        for peer, agreed in verdicts:
+            judge(state, peer, agreed)
+        for peer in missing:  # committed in time, never revealed: as if it had voted wrong
+            peer.unrevealed += 1
+            judge(state, peer, False)
+        for peer in late:
+            peer.late += 1
+        self._outcomes[rid] = Outcome(rid, consensus, votes, late=tuple(self._members[p.key] for p in late),
+                                      late_votes=late_votes,
+                                      unrevealed=tuple(self._members[p.key] for p in missing))

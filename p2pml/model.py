@@ -27,9 +27,11 @@ from p2pml.ledger import CLASSES, PROBA_ONE
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 # honest: the model's answer. random: a class drawn from hash(key, round). constant: always
 # CONSTANT_LABEL. wrong: the class after the model's answer (two such peers collude on the same
-# wrong class). equivocate: votes honestly, and also signs a conflicting vote for every round,
-# which it sends to half of the peers (the node does that part; see service.Node._vote).
-BEHAVIORS = ("honest", "random", "constant", "wrong", "equivocate")
+# wrong class). equivocate: votes honestly, and also signs a conflicting commit for every round,
+# which it sends to half of the peers. copycat: runs no model; waits for another peer's reveal,
+# then commits to and reveals the class most reveals show. withhold: commits honestly and never
+# reveals. (The node does the last three; see service.Node.)
+BEHAVIORS = ("honest", "random", "constant", "wrong", "equivocate", "copycat", "withhold")
 CONSTANT_LABEL = 0  # what the "constant" behaviour always votes
 SPLIT_SEED = 0  # held-out accuracy varies with the split: see docs/ledger.md
 TEST_FRACTION = 0.3
@@ -92,7 +94,7 @@ class Model:
             self.predict_proba = self.estimator.predict_proba
 
     def vote(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]]:
-        if self.behavior in ("honest", "equivocate"):
+        if self.behavior in ("honest", "equivocate", "withhold", "copycat"):
             proba = self.predict_proba(rows)
             labels = proba.argmax(axis=1)
             ppm = np.rint(proba * PROBA_ONE).astype(np.int64).clip(0, PROBA_ONE)

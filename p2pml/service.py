@@ -21,12 +21,14 @@ from p2pml.ledger import (
     CLASSES,
     DEPOSIT,
     PROBA_ONE,
+    Commit,
     Ledger,
     Message,
     Query,
     Register,
-    Vote,
+    Reveal,
     Votes,
+    commitment,
     is_active,
     peer_id,
     round_id,
@@ -42,6 +44,8 @@ INLINE_ROWS = 8  # model calls on at most this many rows run on the loop (about 
 MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
 STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
+REVEAL_AFTER = 0.5  # of query_timeout_ms: reveal then even if some expected commits are missing
+LATE_STREAK_LIMIT = 3  # a peer whose commit missed this many reveals in a row is not waited for
 
 
 class KeyInUse(RuntimeError):
@@ -74,6 +78,11 @@ class Node:
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
         self._query_wake = asyncio.Event()
         self._to_vote: list[tuple[bytes, tuple[float, ...], bytes]] = []  # round, row, issuer
+        # own commits not revealed yet: round -> (label, proba, issuer, commits waited for)
+        self._own: dict[bytes, tuple[int, tuple[int, ...], bytes, frozenset[bytes]]] = {}
+        self._to_reveal: dict[bytes, None] = {}  # rounds whose reveal is due, in order
+        self._to_copy: dict[bytes, bytes] = {}  # copycat only: round -> issuer, until a reveal shows
+        self._late_streak: dict[bytes, int] = {}  # key -> reveals in a row its commit missed
         self._names: dict[bytes, str] = {}  # key -> seat name, from registrations: for routing
         self._vote_wake = asyncio.Event()
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
@@ -152,14 +161,44 @@ class Node:
         if isinstance(body, Register):
             self._names[msg.author] = body.name
         elif isinstance(body, Query):
-            self._to_vote.extend((round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items))
-            self._vote_wake.set()
+            rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
+            if self.model.behavior == "copycat":
+                self._to_copy.update((rid, issuer) for rid, _, issuer in rounds)
+            else:
+                self._to_vote.extend(rounds)
+                self._vote_wake.set()
         elif isinstance(body, Votes):
-            for vote in body.votes:
-                waiter = self._waiters.get(vote.round)
-                if waiter and waiter[0] <= self.ledger.voters(vote.round):
+            for c in body.commits:
+                self._maybe_reveal(c.round)
+            for r in body.reveals:
+                if msg.author != self.identity.key:
+                    self._maybe_reveal(r.round)
+                    if r.round in self._to_copy:
+                        self._to_reveal[r.round] = None
+                        self._vote_wake.set()
+                waiter = self._waiters.get(r.round)
+                if waiter and waiter[0] <= self.ledger.revealers(r.round):
                     waiter[1].set()
         return None
+
+    def _maybe_reveal(self, rid: bytes, now: bool = False) -> None:
+        """Reveal the own vote on ``rid`` once every expected commit is held, or once anyone
+        else has revealed (waiting longer would only help a copier) and this node holds the
+        commits of every revealer and of every key their reveals list: listing those is what
+        lets the ledger judge them (a peer cut off when it voted is then judged against those
+        who came later), and an honest commit one revealer has seen is on its way here too.
+        ``now``: the wait is over (REVEAL_AFTER)."""
+        entry = self._own.get(rid)
+        if entry is None or rid in self._to_reveal:
+            return
+        if not now:
+            committed = self.ledger.committers(rid)
+            if not entry[3] <= committed:
+                revealed = self.ledger.revealers(rid) - {self.identity.key}
+                if not revealed or not (revealed | self.ledger.listed(rid)) <= committed:
+                    return
+        self._to_reveal[rid] = None
+        self._vote_wake.set()
 
     async def ingest(self, envs: list, source: str, acknowledge: bool = True) -> dict:
         """Verify and hold a batch of decoded envelopes from a peer. With ``acknowledge`` (the
@@ -178,7 +217,10 @@ class Node:
                 reason = self._hold(signed)
                 if reason is None:
                     accepted += 1
-                    if signed.msg.author == self.identity.key and isinstance(signed.msg.body, Votes):
+                    body = signed.msg.body
+                    # Commits are on disk before they leave; a reveal may be re-made after a
+                    # restart, so only an unknown commit of ours betrays another signer.
+                    if signed.msg.author == self.identity.key and isinstance(body, Votes) and body.commits:
                         self._foreign_own_vote(signed.msg.id, source)
                     continue
             rejected += 1
@@ -212,20 +254,23 @@ class Node:
         return self._lamport
 
     async def _publish(self, signed: Signed, urgent_to: set[str] | None = None,
-                       durable_first: bool = True) -> None:
-        """Hold, send, and make durable. A vote is on disk before anything else sees it (the
-        ledger, an answer, a peer), so no restart can lead this node to sign a conflicting one; a
-        query may travel while it is being written (any query is valid), and is durable before
-        this returns, so before any client hears of it."""
-        if durable_first:
+                       durable: str = "first") -> None:
+        """Hold, send, and make durable. A commit is on disk before anything else sees it (the
+        ledger, a peer), so no restart can lead this node to sign a conflicting one
+        (``durable="first"``); a query may travel while it is being written, and is durable
+        before this returns, so before any client hears of it (``"before return"``); a reveal
+        is written in the background (``"background"``): its vote is fixed by its commit."""
+        if durable == "first":
             self.data.append([signed.raw])
             await self.data.commit()
-        reason = self._hold(signed, log_it=not durable_first)
+        reason = self._hold(signed, log_it=durable != "first")
         if reason:  # pragma: no cover - our own messages are built valid
             raise RuntimeError(f"own message rejected: {reason}")
         self.gossip.broadcast([signed.raw], urgent_to)
-        if not durable_first:
+        if durable == "before return":
             await self.data.commit()
+        elif durable == "background":
+            self.data.commit_soon()
 
     async def _query_loop(self) -> None:
         while True:
@@ -241,7 +286,7 @@ class Node:
                 try:
                     signed = self.identity.sign(
                         self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
-                    await self._publish(signed, durable_first=False)
+                    await self._publish(signed, durable="before return")
                 except Exception as exc:
                     log.exception("could not open %d rounds", len(batch))
                     for _, fut in batch:
@@ -257,53 +302,129 @@ class Node:
         while True:
             await self._vote_wake.wait()
             self._vote_wake.clear()
-            while self._to_vote:
+            while self._to_vote or self._to_reveal:
                 batch = self._to_vote[:MAX_ITEMS]
                 del self._to_vote[:MAX_ITEMS]
-                me = self.identity.key
-                batch = [item for item in batch if me not in self.ledger.voters(item[0])]
-                if not batch:
-                    continue
+                reveal = list(self._to_reveal)[:MAX_ITEMS]
+                for rid in reveal:
+                    del self._to_reveal[rid]
                 try:
-                    await self._vote(batch, loop)
+                    await self._vote(batch, reveal, loop)
                 except Exception:
-                    log.exception("could not vote on %d rounds", len(batch))
+                    log.exception("could not vote on %d rounds", len(batch) + len(reveal))
 
-    async def _vote(self, batch: list, loop: asyncio.AbstractEventLoop) -> None:
-        """Predict, sign and publish one vote message for ``batch`` of (round, row, issuer)."""
+    async def _vote(self, batch: list, reveal: list[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        """Commit to votes on ``batch`` of (round, row, issuer) and reveal those on ``reveal``,
+        in one signed message. A commit is on disk before anything else sees it; a reveal needs
+        not be (the commit fixes its vote; its ``seen`` may differ after a restart, harmlessly)."""
         if self.key_conflict:
             return  # never risk a conflicting vote under a key someone else is using
-        rounds = [rid for rid, _, _ in batch]
-        rows = np.array([row for _, row, _ in batch], dtype=np.float64)
-        if len(rows) <= INLINE_ROWS:  # a thread hop costs more than a small model call
-            results = self.model.vote(rows, rounds)
-        else:
-            results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
-        votes = tuple(Vote(rid, label, proba) for rid, (label, proba) in zip(rounds, results))
-        # The issuers are waiting for these votes; everyone else gets them lazily.
-        issuers = {self._names.get(issuer, "") for _, _, issuer in batch}
+        me = self.identity.key
+        behavior = self.model.behavior
+        fresh = [item for item in batch if not self.ledger.commits_of(me, item[0])]
+        # After a restart: rounds committed to whose reveal is not held. The model gives the
+        # same vote again; the commitment tells whether it did.
+        redo = [item for item in batch if self.ledger.commits_of(me, item[0])
+                and me not in self.ledger.revealers(item[0]) and item[0] not in self._own]
+        todo = fresh + redo
+        results = []
+        if todo:
+            rounds = [rid for rid, _, _ in todo]
+            rows = np.array([row for _, row, _ in todo], dtype=np.float64)
+            if len(rows) <= INLINE_ROWS:  # a thread hop costs more than a small model call
+                results = self.model.vote(rows, rounds)
+            else:
+                results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
+        commits, issuers, expected = [], set(), self.expected_voters()
+        for (rid, _, issuer), (label, proba) in zip(todo, results):
+            digest = commitment(me, rid, label, proba, self.identity.salt(rid))
+            held = self.ledger.commits_of(me, rid)
+            if held and digest not in held:
+                log.warning("round %s: the model no longer gives the vote committed to; not revealed",
+                            rid.hex()[:16])
+                continue
+            self._own[rid] = (label, proba, issuer, expected)
+            issuers.add(self._names.get(issuer, ""))
+            if held:
+                reveal.append(rid)  # committed before a restart: reveal now
+            else:
+                commits.append(Commit(rid, digest))
+        for rid in reveal:
+            if rid in self._to_copy:
+                commits += self._copy(rid)
+        reveals = self._reveals(reveal, issuers)
+        if not commits and not reveals:
+            return
         lamport = self._next_lamport()
-        signed = self.identity.sign(self.genesis_id, Votes(lamport, votes))
-        if self.model.behavior == "equivocate":
-            self._equivocate(lamport, votes)
-        await self._publish(signed, urgent_to=issuers)
+        signed = self.identity.sign(self.genesis_id, Votes(lamport, tuple(commits), tuple(reveals)))
+        if behavior == "equivocate" and commits:
+            self._equivocate(lamport, commits)
+        # Commits go to everyone at once (each peer reveals once it holds them all); reveals
+        # at once to the issuers, who are waiting, and to the others within LAZY_PUSH_S.
+        await self._publish(signed, urgent_to=None if commits else issuers,
+                            durable="first" if commits else "background")
+        if commits:
+            loop.call_later(self.net.query_timeout_ms / 1000 * REVEAL_AFTER, self._reveal_now,
+                            [c.round for c in commits])
 
-    def _equivocate(self, lamport: int, votes: tuple[Vote, ...]) -> None:
-        """Misbehaviour, for tests and demos: a conflicting vote on every round, signed and sent
-        only to the second half of the peers (the first half gets only the honest one)."""
+    def _reveal_now(self, rounds: list[bytes]) -> None:
+        for rid in rounds:
+            self._maybe_reveal(rid, now=True)
+
+    def _reveals(self, rounds: list[bytes], issuers: set[str]) -> list[Reveal]:
+        """Reveal own votes on ``rounds``, listing whose commits this node holds now."""
+        if self.model.behavior == "withhold":
+            for rid in rounds:
+                self._own.pop(rid, None)
+            return []
+        reveals = []
+        members = [p.key for p in self.ledger.last_state.peers.values() if is_active(p)]
+        for rid in rounds:
+            entry = self._own.pop(rid, None)
+            if entry is None:
+                continue
+            label, proba, issuer, _ = entry
+            seen = frozenset(self.ledger.committers(rid))
+            for key in members:  # who keeps us waiting: not waited for after a few times
+                self._late_streak[key] = 0 if key in seen else self._late_streak.get(key, 0) + 1
+            issuers.add(self._names.get(issuer, ""))
+            reveals.append(Reveal(rid, label, proba, self.identity.salt(rid), seen))
+        return reveals
+
+    def _copy(self, rid: bytes) -> list[Commit]:
+        """Misbehaviour, for tests and demos: commit to what most of the revealed votes say,
+        after seeing them, and reveal at once (what commit-reveal exists to make worthless)."""
+        issuer = self._to_copy.pop(rid)
+        labels = self.ledger.revealed_labels(rid)
+        if not labels or self.ledger.commits_of(self.identity.key, rid):
+            return []
+        label = max(range(len(CLASSES)), key=lambda c: (labels.count(c), -c))
+        self._own[rid] = (label, one_hot(label), issuer, frozenset())
+        return [Commit(rid, commitment(self.identity.key, rid, label, one_hot(label), self.identity.salt(rid)))]
+
+    def _equivocate(self, lamport: int, commits: list[Commit]) -> None:
+        """Misbehaviour, for tests and demos: a conflicting commit on every round, signed and
+        sent only to the second half of the peers (the first half gets only the honest one)."""
         names = sorted(self.gossip.links)
-        evil = tuple(Vote(v.round, (v.label + 1) % len(CLASSES), one_hot((v.label + 1) % len(CLASSES)))
-                     for v in votes)
-        signed = self.identity.sign(self.genesis_id, Votes(lamport, evil))
+        me = self.identity.key
+        evil = []
+        for c in commits:
+            label = self._own[c.round][0]
+            other = (label + 1) % len(CLASSES)
+            evil.append(Commit(c.round, commitment(me, c.round, other, one_hot(other), self.identity.salt(c.round))))
+        signed = self.identity.sign(self.genesis_id, Votes(lamport, tuple(evil), ()))
         self.gossip.send_to(set(names[len(names) // 2:]), [signed.raw])
 
     # -- queries --------------------------------------------------------------------------------
 
     def expected_voters(self) -> frozenset[bytes]:
-        """Active members this node can reach: the votes worth waiting for."""
+        """Active members this node can reach and that have not kept it waiting several times
+        in a row (a peer that withholds its commits must not slow every round down): the
+        commits and reveals worth waiting for."""
         reachable = self.gossip.reachable() | {self.me.name}
         return frozenset(p.key for p in self.ledger.last_state.peers.values()
-                         if is_active(p) and p.name in reachable)
+                         if is_active(p) and p.name in reachable
+                         and self._late_streak.get(p.key, 0) < LATE_STREAK_LIMIT)
 
     async def predict(self, row: tuple[float, ...]) -> dict:
         """Open a round for ``row``, wait for the votes (or the timeout), answer the consensus."""
@@ -322,7 +443,7 @@ class Node:
         event = asyncio.Event()
         self._waiters[rid] = (expected, event)
         try:
-            if not expected <= self.ledger.voters(rid):
+            if not expected <= self.ledger.revealers(rid):
                 try:
                     await asyncio.wait_for(event.wait(), self.net.query_timeout_ms / 1000)
                 except TimeoutError:
@@ -345,20 +466,13 @@ class Node:
                expected: frozenset[bytes] = frozenset()) -> dict:
         outcome = self.ledger.outcome(rid)
         state = self.ledger.state
-        votes, power_sum, proba_sum = [], 0, [0] * len(CLASSES)
+        power_sum, proba_sum = 0, [0] * len(CLASSES)
         for cv in outcome.votes if outcome else ():
-            peer = state.peers[cv.peer]
             power = cv.stake * cv.weight
             power_sum += power
             for c, p in enumerate(cv.proba):
                 proba_sum[c] += power * p
-            votes.append({
-                "peer": cv.peer, "name": peer.name, "model": peer.model,
-                "prediction": CLASSES[cv.label],
-                "probabilities": {c: p / PROBA_ONE for c, p in zip(CLASSES, cv.proba)},
-                "weight": cv.weight, "stake": cv.stake,
-                "message": cv.message.hex(), "signature": self.signature_of(cv.message).hex(),
-            })
+        votes = [self._vote_view(state, cv) for cv in (outcome.votes if outcome else ())]
         consensus = outcome.consensus if outcome else None
         probabilities = ({c: round(proba_sum[i] / power_sum / 1e6, 6) for i, c in enumerate(CLASSES)}
                          if power_sum else None)
@@ -367,10 +481,24 @@ class Node:
             "probabilities": probabilities,
             "round": rid.hex(),
             "query": query_id.hex() if query_id else None,
-            "complete": bool(expected) and expected <= self.ledger.voters(rid),
+            "complete": bool(expected) and expected <= self.ledger.revealers(rid),
+            "late": [state.peers[pid].name for pid in outcome.late] if outcome else [],
+            "late_votes": [self._vote_view(state, cv) for cv in outcome.late_votes] if outcome else [],
+            "unrevealed": [state.peers[pid].name for pid in outcome.unrevealed] if outcome else [],
             "votes": votes,
             "ledger_root": self.ledger.root(),
             "answered_by": self.id,
+        }
+
+    def _vote_view(self, state, cv) -> dict:
+        peer = state.peers[cv.peer]
+        return {
+            "peer": cv.peer, "name": peer.name, "model": peer.model,
+            "prediction": CLASSES[cv.label],
+            "probabilities": {c: p / PROBA_ONE for c, p in zip(CLASSES, cv.proba)},
+            "weight": cv.weight, "stake": cv.stake,
+            "message": cv.message.hex(), "signature": self.signature_of(cv.message).hex(),
+            "commit": cv.commit.hex(),
         }
 
     def signature_of(self, mid: bytes) -> bytes:

@@ -11,6 +11,8 @@ votes (that would frame an honest peer for equivocation).
 from __future__ import annotations
 
 import hashlib
+import hmac
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from p2pml.ledger import CLASSES, PROBA_ONE, Message, Query, Register, Vote, Votes
+from p2pml.ledger import CLASSES, PROBA_ONE, Commit, Message, Query, Register, Reveal, Votes
 
 DOMAIN = b"p2pml/v1/message\x00"
 
@@ -26,10 +28,12 @@ N_FEATURES = 4
 KEY_BYTES = 32
 SIG_BYTES = 64
 ROUND_BYTES = 16
+DIGEST_BYTES = 32  # a commitment: SHA-256
+SALT_BYTES = 16  # 128 bits: a commitment to one of three labels cannot be searched
 
 # Limits, each with its reason (docs/protocol.md lists them too).
 MAX_BODY_BYTES = 64 * 1024  # a full query batch of MAX_ITEMS rows is about 10 KiB
-MAX_ITEMS = 256  # rows per query message, votes per vote message: bounds one model call
+MAX_ITEMS = 256  # rows per query, commits or reveals per vote message, keys a reveal lists
 MAX_BATCH_MESSAGES = 1024  # envelopes per gossip batch (POST or frame): bounds verification work
 MAX_BATCH_BYTES = MAX_BATCH_MESSAGES * 2 * 1024  # a gossip batch; larger is refused unread
 MAX_NAME_CHARS = 64
@@ -74,8 +78,14 @@ def encode_body(body: Register | Query | Votes) -> bytes:
     if isinstance(body, Query):
         return pack(["query", body.lamport, [list(item) for item in body.items]])
     if isinstance(body, Votes):
-        votes = [[v.round, v.label, list(v.proba)] for v in body.votes]
-        return pack(["votes", body.lamport, votes])
+        # A reveal's ``seen`` keys are indices into one sorted key table per message: five
+        # 32-byte keys per reveal would otherwise be most of the message.
+        keys = sorted(set().union(*(r.seen for r in body.reveals)))
+        index = {k: i for i, k in enumerate(keys)}
+        commits = [[c.round, c.digest] for c in body.commits]
+        reveals = [[r.round, r.label, list(r.proba), r.salt, sorted(index[k] for k in r.seen)]
+                   for r in body.reveals]
+        return pack(["votes", body.lamport, commits, reveals, keys])
     raise TypeError(f"cannot encode {type(body).__name__}")
 
 
@@ -88,6 +98,12 @@ def _int(value, name: str, lo: int, hi: int) -> int:
 def _list(value, name: str, lo: int, hi: int) -> list:
     if type(value) is not list or not lo <= len(value) <= hi:
         raise WireError(f"{name} must be a list of {lo} to {hi} items")
+    return value
+
+
+def _bytes(value, name: str, size: int) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise WireError(f"{name} must be {size} bytes")
     return value
 
 
@@ -113,11 +129,11 @@ def decode_body(data: bytes) -> Register | Query | Votes:
         obj = msgpack.unpackb(
             data, use_list=True, raw=False, strict_map_key=True,
             max_array_len=MAX_ITEMS, max_map_len=0, max_ext_len=0,
-            max_str_len=MAX_NAME_CHARS * 4, max_bin_len=ROUND_BYTES,
+            max_str_len=MAX_NAME_CHARS * 4, max_bin_len=DIGEST_BYTES,
         )
     except MSGPACK_ERRORS as exc:
         raise WireError(f"body is not valid msgpack within limits: {exc}") from None
-    fields = _list(obj, "body", 1, 4)
+    fields = _list(obj, "body", 1, 5)
     kind = fields[0]
     if kind == "register" and len(fields) == 4:
         body = Register(_str(fields[1], "name"), _str(fields[2], "model"),
@@ -126,23 +142,41 @@ def decode_body(data: bytes) -> Register | Query | Votes:
         items = _list(fields[2], "query items", 1, MAX_ITEMS)
         body = Query(_int(fields[1], "lamport", 1, MAX_LAMPORT),
                      tuple(check_features(row) for row in items))
-    elif kind == "votes" and len(fields) == 3:
-        votes = []
-        for v in _list(fields[2], "votes", 1, MAX_ITEMS):
-            rid, label, proba = _list(v, "vote", 3, 3)
-            if type(rid) is not bytes or len(rid) != ROUND_BYTES:
-                raise WireError(f"a vote's round must be {ROUND_BYTES} bytes")
-            proba = _list(proba, "probabilities", len(CLASSES), len(CLASSES))
-            votes.append(Vote(rid, _int(label, "label", 0, len(CLASSES) - 1),
-                              tuple(_int(p, "probability", 0, PROBA_ONE) for p in proba)))
-        if len({v.round for v in votes}) != len(votes):
-            raise WireError("a vote message holds at most one vote per round")
-        body = Votes(_int(fields[1], "lamport", 1, MAX_LAMPORT), tuple(votes))
+    elif kind == "votes" and len(fields) == 5:
+        body = _decode_votes(*fields[1:])
     else:
         raise WireError(f"unknown body kind {str(kind)[:20]!r} with {len(fields)} fields")
     if encode_body(body) != data:
         raise WireError("body is not in canonical encoding")
     return body
+
+
+def _decode_votes(lamport, commits, reveals, keys) -> Votes:
+    keys = [_bytes(k, "a seen key", KEY_BYTES) for k in _list(keys, "seen keys", 0, MAX_ITEMS)]
+    if any(a >= b for a, b in itertools.pairwise(keys)):
+        raise WireError("seen keys must be sorted and distinct")
+    out_commits = []
+    for c in _list(commits, "commits", 0, MAX_ITEMS):
+        rid, digest = _list(c, "commit", 2, 2)
+        out_commits.append(Commit(_bytes(rid, "a commit's round", ROUND_BYTES),
+                                  _bytes(digest, "a commit's digest", DIGEST_BYTES)))
+    out_reveals = []
+    for r in _list(reveals, "reveals", 0, MAX_ITEMS):
+        rid, label, proba, salt, seen = _list(r, "reveal", 5, 5)
+        proba = _list(proba, "probabilities", len(CLASSES), len(CLASSES))
+        seen = [_int(i, "a seen index", 0, len(keys) - 1) for i in _list(seen, "seen", 0, len(keys))]
+        if any(a >= b for a, b in itertools.pairwise(seen)):
+            raise WireError("seen indices must be increasing")
+        out_reveals.append(Reveal(
+            _bytes(rid, "a reveal's round", ROUND_BYTES), _int(label, "label", 0, len(CLASSES) - 1),
+            tuple(_int(p, "probability", 0, PROBA_ONE) for p in proba),
+            _bytes(salt, "a salt", SALT_BYTES), frozenset(keys[i] for i in seen)))
+    if not out_commits and not out_reveals:
+        raise WireError("a vote message holds at least one commit or reveal")
+    for name, items in (("commit", out_commits), ("reveal", out_reveals)):
+        if len({item.round for item in items}) != len(items):
+            raise WireError(f"a vote message holds at most one {name} per round")
+    return Votes(_int(lamport, "lamport", 1, MAX_LAMPORT), tuple(out_commits), tuple(out_reveals))
 
 
 # -- envelopes -------------------------------------------------------------------------------
@@ -165,6 +199,11 @@ class Identity:
 
     def seed(self) -> bytes:
         return self._private.private_bytes_raw()
+
+    def salt(self, rid: bytes) -> bytes:
+        """The salt of this node's commitment on a round: secret (keyed by the private key),
+        yet the same after a restart, so a lost reveal can be made again."""
+        return hmac.digest(self.seed(), b"p2pml/salt\x00" + rid, "sha256")[:SALT_BYTES]
 
     def sign(self, genesis_id: bytes, body: Register | Query | Votes) -> Signed:
         """Sign ``body``; raises WireError for anything peers would reject, so a node never

@@ -2,11 +2,12 @@
 
     python scripts/attacks.py [--passes 2]
 
-For 0, 1 and 2 hostile peers of each kind (random, constant, wrong; the last ones of
-peers in turn), runs a real 5-peer cluster, asks it every held-out Iris row (--passes times),
-and prints: the network's consensus accuracy, the accuracy of the plain average of all five
-models' probabilities (every vote equal, as in the workshop), and each hostile peer's stake and
-weight on the ledger afterwards.
+For 0, 1 and 2 hostile peers of each kind (random, constant, wrong, copycat, withhold; the
+last peers in turn), runs a real 5-peer cluster, asks it every held-out Iris row (--passes
+times), and prints: the network's consensus accuracy, the accuracy of the plain average of the
+probabilities of every vote that was revealed, late ones included (every vote equal, as in the
+workshop, which had no commit-reveal), and each hostile peer's stake, weight and late votes on
+the ledger afterwards.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from p2pml.cluster import LocalCluster, free_ports, write_network
 from p2pml.ledger import CLASSES, WEIGHT_ONE
 from p2pml.model import held_out
 
-KINDS = ("random", "constant", "wrong")
+KINDS = ("random", "constant", "wrong", "copycat", "withhold")
 
 
 async def ask_all(cluster: LocalCluster, rows) -> list[dict]:
@@ -40,7 +41,8 @@ async def ask_all(cluster: LocalCluster, rows) -> list[dict]:
 
 
 def naive(answer: dict) -> str:
-    total = {c: sum(v["probabilities"][c] for v in answer["votes"]) for c in CLASSES}
+    votes = answer["votes"] + answer["late_votes"]
+    total = {c: sum(v["probabilities"][c] for v in votes) for c in CLASSES}
     return max(CLASSES, key=lambda c: total[c])
 
 
@@ -62,7 +64,8 @@ def run(hostile: dict[str, str], passes: int) -> dict:
     return {
         "consensus": sum(a["prediction"] == t for a, t in zip(answers, truth)) / len(rows),
         "naive": sum(naive(a) == t for a, t in zip(answers, truth)) / len(rows),
-        "hostile": {n: (peers[n]["stake"], peers[n]["weight"] / WEIGHT_ONE) for n in hostile},
+        "hostile": {n: (peers[n]["stake"], peers[n]["weight"] / WEIGHT_ONE, peers[n]["late"])
+                    for n in hostile},
         "rounds": len(rows),
     }
 
@@ -74,11 +77,12 @@ def main() -> int:
     if args.passes < 1:
         ap.error("--passes must be at least 1")
     configs = [{}] + [dict.fromkeys(("ed", "di")[:k], kind) for kind in KINDS for k in (1, 2)]
-    print(f"{'hostile peers':<26} {'rounds':>6} {'consensus':>9} {'naive avg':>9}  hostile stake / weight after")
+    print(f"{'hostile peers':<26} {'rounds':>6} {'consensus':>9} {'naive avg':>9}  "
+          "hostile stake / weight / late votes after")
     for hostile in configs:
         r = run(hostile, args.passes)
         label = ", ".join(f"{n}={b}" for n, b in hostile.items()) or "none"
-        after = ", ".join(f"{n} {s} / {w:.2f}" for n, (s, w) in r["hostile"].items()) or "-"
+        after = ", ".join(f"{n} {s} / {w:.2f} / {late}" for n, (s, w, late) in r["hostile"].items()) or "-"
         print(f"{label:<26} {r['rounds']:>6} {r['consensus']:>9.1%} {r['naive']:>9.1%}  {after}", flush=True)
     return 0
 

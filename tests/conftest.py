@@ -8,7 +8,18 @@ import pytest
 
 from p2pml.cluster import LocalCluster, free_ports, write_network
 from p2pml.config import MODEL_KINDS
-from p2pml.ledger import DEPOSIT, Genesis, Query, Register, Slot, Vote, Votes, round_id
+from p2pml.ledger import (
+    DEPOSIT,
+    Commit,
+    Genesis,
+    Query,
+    Register,
+    Reveal,
+    Slot,
+    Votes,
+    commitment,
+    round_id,
+)
 from p2pml.wire import Identity
 
 NAMES = ("ada", "bo", "cy", "di", "ed")
@@ -40,8 +51,25 @@ class Net:
         msg = self.sign(i, Query(lamport, tuple((ROW[0] + k / 100, *ROW[1:]) for k in range(n_items))))
         return msg, [round_id(msg.id, k) for k in range(n_items)]
 
-    def votes(self, i: int, lamport: int, choices: list[tuple[bytes, int]]):
-        return self.sign(i, Votes(lamport, tuple(Vote(r, lab, one_hot(lab)) for r, lab in choices)))
+    def commits(self, i: int, choices: list[tuple[bytes, int]]) -> tuple[Commit, ...]:
+        key = self.ids[i].key
+        return tuple(Commit(r, commitment(key, r, lab, one_hot(lab), self.ids[i].salt(r)))
+                     for r, lab in choices)
+
+    def reveals(self, i: int, choices: list[tuple[bytes, int]], seen=None) -> tuple[Reveal, ...]:
+        """Reveals listing ``seen`` (peer indices; default: every peer) as committed before."""
+        keys = frozenset(self.ids[k].key for k in (range(len(self.ids)) if seen is None else seen))
+        return tuple(Reveal(r, lab, one_hot(lab), self.ids[i].salt(r), keys) for r, lab in choices)
+
+    def commit(self, i: int, lamport: int, choices: list[tuple[bytes, int]]):
+        return self.sign(i, Votes(lamport, self.commits(i, choices), ()))
+
+    def reveal(self, i: int, lamport: int, choices: list[tuple[bytes, int]], seen=None):
+        return self.sign(i, Votes(lamport, (), self.reveals(i, choices, seen)))
+
+    def votes(self, i: int, lamport: int, choices: list[tuple[bytes, int]], seen=None):
+        """Commit and reveal in one message (every peer listed as seen): a plain, timely vote."""
+        return self.sign(i, Votes(lamport, self.commits(i, choices), self.reveals(i, choices, seen)))
 
 
 @pytest.fixture

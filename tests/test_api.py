@@ -184,7 +184,7 @@ async def test_vote_signatures_verify_for_a_client(node, http):
     """A client can check who voted what under whose signature, from the answer alone."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from p2pml.ledger import peer_id
+    from p2pml.ledger import commitment, peer_id
     from p2pml.wire import DOMAIN, Verifier
 
     _, answer = await get(http, node + "/predict", GOOD)
@@ -196,7 +196,12 @@ async def test_vote_signatures_verify_for_a_client(node, http):
         assert sig.hex() == vote["signature"] and peer_id(key) == vote["peer"]
         Ed25519PublicKey.from_public_bytes(key).verify(sig, DOMAIN + genesis + key + body)
         opened = Verifier(genesis).open(bytes.fromhex(msg["envelope"])).msg
-        assert any(v.round.hex() == answer["round"] for v in opened.body.votes)
+        (reveal,) = [r for r in opened.body.reveals if r.round.hex() == answer["round"]]
+        # and the reveal opens the commit the vote was bound to before anyone revealed
+        _, commit_msg = await get(http, node + "/message/" + vote["commit"])
+        committed = Verifier(genesis).open(bytes.fromhex(commit_msg["envelope"])).msg
+        (c,) = [c for c in committed.body.commits if c.round == reveal.round]
+        assert c.digest == commitment(key, reveal.round, reveal.label, reveal.proba, reveal.salt)
 
 
 async def test_hostile_gossip_cannot_split_or_stall_the_network(api_cluster, node, http):

@@ -64,3 +64,55 @@ async def test_colluding_minority_voting_the_same_wrong_class(make_cluster):
             assert peers[bad]["weight"] < min(peers[h]["weight"] for h in HONEST)
         for h in HONEST:
             assert peers[h]["stake"] == DEPOSIT
+
+
+async def test_copycat_is_never_counted_nor_rewarded(make_cluster):
+    """A peer without a model that commits only after it has seen a reveal, to whatever the
+    reveals say: its commit is listed by no revealer, so its votes are late: never counted in a
+    consensus, never judged, its weight stays where it started. And after a few rounds nobody
+    waits for its commits, so it cannot slow the network down either."""
+    from p2pml.ledger import INITIAL_WEIGHT
+    cluster = make_cluster(5, behaviors={"ed": "copycat"})
+    iris = load_iris()
+    rows = list(range(0, 150, 5))  # 30 rows, every class
+    answers = await ask(cluster, iris.data[rows], concurrency=2, targets=list(HONEST) + ["di"])
+    assert all(status == 200 for status, _, _ in answers)
+    right = sum(body["prediction"] == iris.target_names[iris.target[i]]
+                for i, (_, body, _) in zip(rows, answers))
+    assert right / len(rows) >= 0.9
+    assert not any(v["name"] == "ed" for _, body, _ in answers for v in body["votes"])
+    later = sorted(seconds for _, _, seconds in answers[10:])
+    assert later[len(later) // 2] < 0.15  # not waiting out the reveal timeout every round
+    ledgers = cluster.wait_converged(timeout=15)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    for lg in ledgers.values():
+        peers = by_name(lg)
+        ed = peers["ed"]
+        # it did copy (its reveals are held, just late), and that earned nothing
+        assert ed["late"] >= len(rows) // 2, ed
+        assert ed["votes"] == 0 and ed["agreed"] == 0 and ed["weight"] == INITIAL_WEIGHT, ed
+        assert ed["stake"] == DEPOSIT  # absence is not punished: copying gains nothing
+        for h in ("ada", "bo", "cy", "di"):
+            assert peers[h]["stake"] == DEPOSIT and peers[h]["late"] == 0, peers[h]
+            assert peers[h]["votes"] >= len(rows)
+
+
+async def test_a_commit_never_revealed_counts_as_a_wrong_vote(make_cluster):
+    """A peer that commits in time and never reveals (so it could reveal only when it turns
+    out right) is judged on each such commit as a disagreement: it loses weight and stake."""
+    cluster = make_cluster(5, behaviors={"ed": "withhold"})
+    iris = load_iris()
+    rows = list(range(0, 150, 3))  # 50 rows: two full accuracy windows and more
+    answers = await ask(cluster, iris.data[rows], concurrency=2, targets=list(HONEST) + ["di"])
+    assert all(status == 200 for status, _, _ in answers)
+    assert any("ed" in body["unrevealed"] for _, body, _ in answers)
+    ledgers = cluster.wait_converged(timeout=15)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    for lg in ledgers.values():
+        peers = by_name(lg)
+        ed = peers["ed"]
+        assert ed["unrevealed"] >= 40 and ed["agreed"] == 0, ed
+        assert ed["stake"] == DEPOSIT - DEPOSIT * 10 // 100 - (DEPOSIT * 90 // 100) * 10 // 100, ed
+        assert ed["weight"] < 100_000
+        for h in ("ada", "bo", "cy", "di"):
+            assert peers[h]["stake"] == DEPOSIT and peers[h]["unrevealed"] == 0, peers[h]

@@ -15,8 +15,9 @@ NET = Net()
 
 @st.composite
 def histories(draw):
-    """Registrations, queries (with lamport ties and batches) and votes, some missing, some
-    conflicting (equivocation), grouped into vote messages at random."""
+    """Registrations, queries (with lamport ties and batches), commits and reveals grouped into
+    vote messages at random, each reveal listing a random set of committers; some votes missing,
+    late, never revealed, re-revealed with another list, equivocating or not matching."""
     msgs = list(NET.registrations())
     rounds = []
     specs = draw(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 12), st.integers(1, 3)),
@@ -26,22 +27,37 @@ def histories(draw):
         msgs.append(q)
         rounds += rids
     rounds = list(dict.fromkeys(rounds))  # an identical query drawn twice is one message
-    labels = st.sampled_from([None, 0, 0, 0, 1, 2, "equivocate"])
+    kinds = st.sampled_from([None, 0, 0, 0, 1, 2, "equivocate", "withhold", "mismatch", "rereveal"])
+    seen = st.frozensets(st.integers(0, 4))
     for voter in range(5):
-        votes = []
-        for rid, label in zip(rounds, draw(st.lists(labels, min_size=len(rounds), max_size=len(rounds)))):
-            if label == "equivocate":
-                msgs.append(NET.votes(voter, 1, [(rid, 1)]))  # conflicting vote in its own message
-                label = 2
-            if label is not None:
-                votes.append((rid, label))
-        sizes = draw(st.lists(st.integers(1, 4), min_size=len(votes), max_size=len(votes)))
-        k = 0
-        for size in sizes:
-            if k >= len(votes):
-                break
-            msgs.append(NET.votes(voter, 1 + k % 12, votes[k : k + size]))
-            k += size
+        commits, reveals = [], []
+        for rid, kind in zip(rounds, draw(st.lists(kinds, min_size=len(rounds), max_size=len(rounds)))):
+            if kind is None:
+                continue
+            label = kind if isinstance(kind, int) else 2
+            commits.append((rid, label))
+            if kind == "equivocate":  # a conflicting commit in a message of its own
+                msgs.append(NET.commit(voter, 1, [(rid, 1)]))
+            if kind == "mismatch":
+                msgs.append(NET.reveal(voter, 1, [(rid, 0)], seen=draw(seen)))
+            if kind == "rereveal":
+                msgs.append(NET.reveal(voter, 2, [(rid, label)], seen=draw(seen)))
+            if kind != "withhold":
+                reveals.append((rid, label, draw(seen)))
+        for items, make in ((commits, NET.commit), (reveals, None)):
+            sizes = draw(st.lists(st.integers(1, 4), min_size=len(items), max_size=len(items)))
+            k = 0
+            for size in sizes:
+                if k >= len(items):
+                    break
+                group = items[k : k + size]
+                if make is not None:
+                    msgs.append(make(voter, 1 + k % 12, group))
+                else:  # one message, each reveal with its own seen list
+                    body = L.Votes(1 + k % 12, (), tuple(
+                        r for rid, label, s in group for r in NET.reveals(voter, [(rid, label)], s)))
+                    msgs.append(NET.sign(voter, body))
+                k += size
     return msgs
 
 

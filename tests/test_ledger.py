@@ -191,6 +191,7 @@ def test_same_vote_in_two_messages_is_not_equivocation(net):
     lg = with_members(net)
     q, rids = net.query(0, 1, n_items=2)
     lg.add(q)
+    lg.add(net.votes(0, 2, [(rids[0], 1), (rids[1], 0)]))
     lg.add(net.votes(4, 2, [(rids[0], 1)]))
     lg.add(net.votes(4, 3, [(rids[0], 1), (rids[1], 0)]))  # re-batched, same content
     p = lg.state.peers[pid(net, 4)]
@@ -243,9 +244,8 @@ def test_registration_for_a_won_seat_changes_nothing(net):
 def test_consensus_among_powerless_voters_is_by_count(net):
     peers = [L.PeerState("a", "m", b"a", weight=0), L.PeerState("b", "m", b"b", weight=0),
              L.PeerState("c", "m", b"c", weight=0)]
-    votes = [L.Vote(b"r", 2, (0, 0, 1)), L.Vote(b"r", 2, (0, 0, 1)), L.Vote(b"r", 1, (0, 1, 0))]
-    assert L.compute_consensus(list(zip(peers, votes))) == 2
-    assert L.compute_consensus([(peers[0], L.Vote(b"r", 2, (0, 0, 1)))]) == 2  # never an unvoted class
+    assert L.compute_consensus(list(zip(peers, [2, 2, 1]))) == 2
+    assert L.compute_consensus([(peers[0], 2)]) == 2  # never an unvoted class
 
 
 def test_duplicate_message_changes_nothing(net):
@@ -291,9 +291,152 @@ def test_invalid_two_votes_on_one_round_in_one_message(net):
     lg = with_members(net)
     q, (rid,) = net.query(0, 1)
     lg.add(q)
-    from tests.conftest import one_hot
-
-    body = L.Votes(1, (L.Vote(rid, 0, one_hot(0)), L.Vote(rid, 1, one_hot(1))))
+    body = L.Votes(1, net.commits(4, [(rid, 0)]) + net.commits(4, [(rid, 1)]), ())
     reason = lg.add(L.Message(b"\x07" * 32, net.ids[4].key, body))  # no node would sign it
-    assert reason and "one vote per round" in reason
+    assert reason and "one commit and one reveal per round" in reason
     assert lg.state.peers[pid(net, 4)].equivocation is None
+
+
+# -- commit-reveal ---------------------------------------------------------------------------
+
+
+def open_round(net, lg, lamport=1):
+    q, (rid,) = net.query(0, lamport)
+    assert lg.add(q) is None
+    return rid
+
+
+def test_a_reveal_waits_for_its_commit_and_a_commit_for_its_reveal(net):
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    for i in range(4):
+        assert lg.add(net.reveal(i, 1, [(rid, 1)])) is None
+    assert lg.state.rounds == 0  # reveals without commits: nothing to count yet
+    for i in range(4):
+        assert lg.add(net.commit(i, 1, [(rid, 1)])) is None
+    assert lg.outcome(rid).consensus == 1 and lg.state.rounds == 1
+
+
+def test_copycat_committing_after_the_reveals_is_late_never_counted_nor_judged(net):
+    lg = with_members(net)
+    for lam in range(1, 2 * L.ACCURACY_WINDOW):
+        rid = open_round(net, lg, lam)
+        for i in range(4):  # the honest four commit, then reveal listing the four commits
+            lg.add(net.commit(i, lam, [(rid, 0)]))
+            lg.add(net.reveal(i, lam, [(rid, 0)], seen=range(4)))
+        lg.add(net.votes(4, lam, [(rid, 0)]))  # the copycat: commit and reveal after seeing them
+        out = lg.outcome(rid)
+        assert out.consensus == 0 and pid(net, 4) not in {cv.peer for cv in out.votes}
+        assert out.late == (pid(net, 4),)
+    p = lg.state.peers[pid(net, 4)]
+    assert (p.weight, p.votes, p.agreed, p.stake) == (L.INITIAL_WEIGHT, 0, 0, L.DEPOSIT)
+    assert p.late == 2 * L.ACCURACY_WINDOW - 1
+
+
+def test_timely_means_seen_by_more_than_half_of_the_other_revealers_power(net):
+    # Equal power: seen by 2 of 4 others is not more than half; 3 of 4 is.
+    for seen_by, timely in ((2, False), (3, True)):
+        lg = with_members(net)
+        rid = open_round(net, lg)
+        for i in range(4):
+            lg.add(net.votes(i, 1, [(rid, 1)], seen=range(4) if i >= seen_by else range(5)))
+        lg.add(net.votes(4, 1, [(rid, 1)]))
+        counted = pid(net, 4) in {cv.peer for cv in lg.outcome(rid).votes}
+        assert counted is timely, seen_by
+
+
+def test_a_lone_revealer_decides_the_answer_but_is_not_judged(net):
+    """Agreeing with oneself proves nothing: a member that asks a query and reveals on it
+    before anyone else can see it (so the others vote late) gains no weight by it."""
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    lg.add(net.votes(2, 1, [(rid, 2)], seen=[2]))
+    assert lg.outcome(rid).consensus == 2 and lg.state.rounds == 1
+    assert lg.state.peers[pid(net, 2)].votes == 0
+
+
+def test_split_voters_decide_the_answer_together_and_nobody_is_judged(net):
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    for i in (0, 1):  # one side of a partition
+        lg.add(net.votes(i, 1, [(rid, 1)], seen=[0, 1]))
+    for i in (2, 3, 4):  # the other side
+        lg.add(net.votes(i, 1, [(rid, 2)], seen=[2, 3, 4]))
+    out = lg.outcome(rid)
+    assert out.consensus == 2 and len(out.votes) == 5 and len(out.late) == 5
+    assert all(p.votes == 0 and p.weight == L.INITIAL_WEIGHT for p in lg.state.peers.values())
+
+
+def test_a_late_joiner_vouches_for_an_early_voter_who_is_judged_against_it(net):
+    """A member that asks and reveals alone, then lets the others see the query (or was cut
+    off while it asked): the others list its commit, so it is judged against their votes."""
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    lg.add(net.votes(0, 1, [(rid, 1)], seen=[0]))
+    for i in range(1, 5):
+        lg.add(net.votes(i, 1, [(rid, 2)], seen=[0, i]))
+    p0 = lg.state.peers[pid(net, 0)]
+    assert (p0.votes, p0.agreed) == (1, 0)
+    assert lg.outcome(rid).consensus == 1 and [cv.peer for cv in lg.outcome(rid).votes] == [pid(net, 0)]
+
+
+def test_an_unrevealed_timely_commit_is_judged_as_a_disagreement_until_revealed(net):
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    for i in range(4):
+        lg.add(net.votes(i, 1, [(rid, 0)]))
+    lg.add(net.commit(4, 1, [(rid, 0)]))
+    p = lg.state.peers[pid(net, 4)]
+    assert (p.unrevealed, p.votes, p.agreed) == (1, 1, 0)
+    assert p.weight == L.compute_weight(L.INITIAL_WEIGHT, False)
+    assert lg.outcome(rid).unrevealed == (pid(net, 4),)
+    lg.add(net.reveal(4, 2, [(rid, 0)]))  # the reveal arrives late (a partition): recomputed
+    p = lg.state.peers[pid(net, 4)]
+    assert (p.unrevealed, p.votes, p.agreed) == (0, 1, 1)
+
+
+def test_a_reveal_that_does_not_match_its_commit_is_slashed_like_equivocation(net):
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    for i in range(4):
+        lg.add(net.votes(i, 1, [(rid, 0)]))
+    c = net.commit(4, 1, [(rid, 1)])
+    r = net.reveal(4, 1, [(rid, 0)])  # committed to 1, reveals 0 once it sees the others
+    lg.add(c)
+    lg.add(r)
+    p = lg.state.peers[pid(net, 4)]
+    assert p.status == L.STATUS_EJECTED and p.reason == "reveal does not match its commit"
+    assert p.equivocation == (rid.hex(), c.id.hex(), r.id.hex())
+    assert p.stake == L.DEPOSIT - L.DEPOSIT * L.EQUIVOCATION_SLASH_BPS // L.BPS
+    assert pid(net, 4) not in {cv.peer for cv in lg.outcome(rid).votes}
+
+
+def test_committing_to_another_peers_hash_does_not_let_one_reveal_its_vote(net):
+    """The author is inside the commitment: a copy of peer 0's commit cannot be opened by
+    revealing peer 0's vote and salt, even though they are public after peer 0 reveals."""
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    for i in range(4):
+        lg.add(net.votes(i, 1, [(rid, 0)]))
+    (theirs,) = net.commits(0, [(rid, 0)])
+    lg.add(net.sign(4, L.Votes(1, (theirs,), ())))
+    (their_reveal,) = net.reveals(0, [(rid, 0)])
+    lg.add(net.sign(4, L.Votes(2, (), (their_reveal,))))
+    p = lg.state.peers[pid(net, 4)]
+    assert p.reason == "reveal does not match its commit" and p.agreed == 0
+
+
+def test_reveals_re_made_with_other_seen_lists_are_one_vote_seen_by_their_intersection(net):
+    lg = with_members(net)
+    rid = open_round(net, lg)
+    for i in range(4):
+        lg.add(net.commit(i, 1, [(rid, 0)]))
+    lg.add(net.commit(4, 1, [(rid, 0)]))
+    lg.add(net.reveal(0, 1, [(rid, 0)], seen=range(5)))
+    lg.add(net.reveal(0, 2, [(rid, 0)], seen=range(4)))  # after a restart: lists fewer
+    for i in (1, 2, 3, 4):
+        lg.add(net.reveal(i, 1, [(rid, 0)], seen=range(5)))
+    p0 = lg.state.peers[pid(net, 0)]
+    assert p0.equivocation is None and p0.votes == 1
+    # peer 4 is seen by 3 of its 4 others (peer 0's reveals intersect to range(4)): timely
+    assert pid(net, 4) in {cv.peer for cv in lg.outcome(rid).votes}

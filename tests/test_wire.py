@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from p2pml.ledger import CLASSES, PROBA_ONE, Query, Register, Vote, Votes
+from p2pml.ledger import CLASSES, PROBA_ONE, Commit, Query, Register, Reveal, Votes
 from p2pml.wire import (
     DOMAIN,
     MAX_BATCH_BYTES,
@@ -39,6 +39,8 @@ ALICE = Identity.from_seed(b"\x01" * 32)
 BOB = Identity.from_seed(b"\x02" * 32)
 ROW = (5.1, 3.5, 1.4, 0.2)
 RID = bytes(range(ROUND_BYTES))
+DIGEST = bytes(range(32))
+SALT = bytes(range(16, 32))
 FAST = 0.5  # seconds: every limit must reject well under a second
 
 
@@ -49,7 +51,9 @@ def one_hot(label: int) -> tuple[int, ...]:
 BODIES = {
     "register": Register("ada", "knn", 1000),
     "query": Query(7, (ROW, (6.3, 2.9, 5.6, 1.8), (-0.0, 1e-300, 100.0, 0.5))),
-    "votes": Votes(9, (Vote(RID, 1, (100_000, 800_000, 100_000)), Vote(bytes(16), 2, one_hot(2)))),
+    "votes": Votes(9, (Commit(bytes(16), DIGEST),),
+                   (Reveal(RID, 1, (100_000, 800_000, 100_000), SALT, frozenset({ALICE.key, BOB.key})),
+                    Reveal(b"r" * 16, 2, one_hot(2), SALT, frozenset()))),
 }
 
 
@@ -110,8 +114,10 @@ def test_boundary_values_accepted(kind):
     edge = {
         "register": Register("x" * MAX_NAME_CHARS, "\U0001f600" * MAX_NAME_CHARS, 2**63),
         "query": Query(MAX_LAMPORT, tuple((i / 3.0, 1.5, 0.0, 2.0) for i in range(MAX_ITEMS))),
-        "votes": Votes(1, tuple(Vote(bytes([i]) * 16, len(CLASSES) - 1, (0, 0, PROBA_ONE))
-                                for i in range(MAX_ITEMS))),
+        "votes": Votes(1, tuple(Commit(bytes([i]) * 16, bytes([i]) * 32) for i in range(MAX_ITEMS)),
+                       tuple(Reveal(bytes([i]) * 16, len(CLASSES) - 1, (0, 0, PROBA_ONE), SALT,
+                                    frozenset(bytes([k]) * 32 for k in range(MAX_ITEMS)))
+                             for i in range(2))),
     }[kind]
     assert Verifier(GID).open(ALICE.sign(GID, edge).raw).msg.body == edge
 
@@ -198,17 +204,17 @@ def test_envelope_with_trailing_bytes_rejected():
 
 def _noncanonical_bodies():
     q = ["query", 1, [list(ROW)]]
-    r_items = [[RID, 0, [PROBA_ONE, 0, 0]]]
+    commits = [[RID, DIGEST]]
     yield "float32 features", msgpack.packb(["query", 1, [[1.5, 2.5, 3.5, 4.5]]], use_single_float=True)
     yield "uint16 lamport", b"\x93" + pack("query") + b"\xcd\x00\x01" + pack(q[2])
     yield "int8 lamport", b"\x93" + pack("query") + b"\xd0\x01" + pack(q[2])
     yield "uint64 deposit", b"\x94" + pack("register") + pack("ada") + pack("knn") + b"\xcf" + (5).to_bytes(8, "big")
-    yield "uint32 label", (b"\x93" + pack("votes") + b"\x01\x91\x93" + pack(RID) + b"\xce" + (0).to_bytes(4, "big")
-                          + pack([PROBA_ONE, 0, 0]))
+    yield "uint32 label", (b"\x95" + pack("votes") + b"\x01" + pack([]) + b"\x91\x95" + pack(RID) + b"\xce"
+                          + (0).to_bytes(4, "big") + pack([PROBA_ONE, 0, 0]) + pack(SALT) + pack([]) + pack([]))
     yield "str8 kind", b"\x94\xd9\x08register" + pack("ada") + pack("knn") + b"\x05"
-    yield "bin16 round", (b"\x93" + pack("votes") + b"\x01\x91\x93\xc5\x00\x10" + RID + b"\x00"
-                          + pack([PROBA_ONE, 0, 0]))
-    yield "array16 body", b"\xdc\x00\x03" + pack("votes") + b"\x01" + pack(r_items)
+    yield "bin16 round", (b"\x95" + pack("votes") + b"\x01\x91\x92\xc5\x00\x10" + RID + pack(DIGEST)
+                          + pack([]) + pack([]))
+    yield "array16 body", b"\xdc\x00\x05" + pack("votes") + b"\x01" + pack(commits) + pack([]) + pack([])
     yield "str8 name", b"\x94" + pack("register") + b"\xd9\x03ada" + pack("knn") + b"\x05"
 
 
@@ -230,7 +236,18 @@ def test_non_canonical_body_rejected(what, data):
 # -- body shapes -------------------------------------------------------------------------------
 
 NAN, INF = math.nan, math.inf
-GOOD_VOTE = [RID, 0, [PROBA_ONE, 0, 0]]
+GOOD_COMMIT = [RID, DIGEST]
+GOOD_REVEAL = [RID, 0, [PROBA_ONE, 0, 0], SALT, [0]]
+KEYS = [ALICE.key]
+
+
+def votes(commits=(), reveals=(), keys=KEYS, lamport=1) -> list:
+    return ["votes", lamport, list(commits), list(reveals), list(keys)]
+
+
+def reveal(rid=RID, label=0, proba=(PROBA_ONE, 0, 0), salt=SALT, seen=(0,)) -> list:
+    return [rid, label, list(proba), salt, list(seen)]
+
 
 BAD_BODIES = {
     # field counts
@@ -239,21 +256,24 @@ BAD_BODIES = {
     "query 2 fields": ["query", 1],
     "query 4 fields": ["query", 1, [list(ROW)], 0],
     "votes 2 fields": ["votes", 1],
-    "votes 4 fields": ["votes", 1, [GOOD_VOTE], 0],
+    "votes 4 fields": ["votes", 1, [GOOD_COMMIT], []],
+    "votes 6 fields": [*votes([GOOD_COMMIT]), 0],
     "empty body": [],
     "5-field body": ["register", "a", "b", 1, 2],
-    "vote with 2 fields": ["votes", 1, [[RID, 0]]],
-    "vote with 4 fields": ["votes", 1, [GOOD_VOTE + [0]]],
+    "commit with 1 field": votes([[RID]]),
+    "commit with 3 fields": votes([[*GOOD_COMMIT, 0]]),
+    "reveal with 4 fields": votes((), [GOOD_REVEAL[:4]]),
+    "reveal with 6 fields": votes((), [[*GOOD_REVEAL, 0]]),
     # body is not a list
     "body is a string": "register",
     "body is an int": 5,
     "body is a map": {},
     "body is nil": None,
     # unknown kinds
-    "unknown kind": ["vote", 1, [GOOD_VOTE]],
-    "empty kind": ["", 1, [GOOD_VOTE]],
-    "int kind": [1, 1, [GOOD_VOTE]],
-    "bin kind": [b"votes", 1, [GOOD_VOTE]],
+    "unknown kind": ["vote", 1, [GOOD_COMMIT]],
+    "empty kind": ["", 1, [GOOD_COMMIT]],
+    "int kind": [1, 1, [GOOD_COMMIT]],
+    "bin kind": [b"votes", 1, [GOOD_COMMIT], [], []],
     "upper kind": ["QUERY", 1, [list(ROW)]],
     # register types and ranges
     "name bin": ["register", b"ada", "knn", 5],
@@ -289,27 +309,43 @@ BAD_BODIES = {
     "query row is a map": ["query", 1, [{}]],
     "query second row bad": ["query", 1, [list(ROW), [1.0, 2.0, 3.0]]],
     # votes
-    "votes lamport 0": ["votes", 0, [GOOD_VOTE]],
-    "votes lamport over max": ["votes", MAX_LAMPORT + 1, [GOOD_VOTE]],
-    "votes empty": ["votes", 1, []],
-    "votes too many": ["votes", 1, [GOOD_VOTE] * (MAX_ITEMS + 1)],
-    "vote not a list": ["votes", 1, [RID]],
-    "round 15 bytes": ["votes", 1, [[RID[:15], 0, [PROBA_ONE, 0, 0]]]],
-    "round 17 bytes": ["votes", 1, [[RID + b"\0", 0, [PROBA_ONE, 0, 0]]]],
-    "round empty": ["votes", 1, [[b"", 0, [PROBA_ONE, 0, 0]]]],
-    "round str": ["votes", 1, [["r" * 16, 0, [PROBA_ONE, 0, 0]]]],
-    "label negative": ["votes", 1, [[RID, -1, [PROBA_ONE, 0, 0]]]],
-    "label = classes": ["votes", 1, [[RID, len(CLASSES), [PROBA_ONE, 0, 0]]]],
-    "label float": ["votes", 1, [[RID, 0.0, [PROBA_ONE, 0, 0]]]],
-    "label bool": ["votes", 1, [[RID, False, [PROBA_ONE, 0, 0]]]],
-    "proba over one": ["votes", 1, [[RID, 0, [PROBA_ONE + 1, 0, 0]]]],
-    "proba negative": ["votes", 1, [[RID, 0, [PROBA_ONE, -1, 0]]]],
-    "proba float": ["votes", 1, [[RID, 0, [1.0, 0.0, 0.0]]]],
-    "proba too few": ["votes", 1, [[RID, 0, [PROBA_ONE, 0]]]],
-    "proba too many": ["votes", 1, [[RID, 0, [PROBA_ONE, 0, 0, 0]]]],
-    "proba not a list": ["votes", 1, [[RID, 0, PROBA_ONE]]],
-    "second vote bad": ["votes", 1, [GOOD_VOTE, [RID, 9, [PROBA_ONE, 0, 0]]]],
-    "two votes one round": ["votes", 1, [GOOD_VOTE, [RID, 1, [0, PROBA_ONE, 0]]]],
+    "votes lamport 0": votes([GOOD_COMMIT], lamport=0),
+    "votes lamport over max": votes([GOOD_COMMIT], lamport=MAX_LAMPORT + 1),
+    "votes empty": votes(),
+    "commits too many": votes([GOOD_COMMIT] * (MAX_ITEMS + 1)),
+    "reveals too many": votes((), [GOOD_REVEAL] * (MAX_ITEMS + 1)),
+    "commits not a list": ["votes", 1, GOOD_COMMIT, [], []],
+    "commit not a list": votes([RID]),
+    "round 15 bytes": votes([[RID[:15], DIGEST]]),
+    "round 17 bytes": votes([[RID + b"\0", DIGEST]]),
+    "round empty": votes([[b"", DIGEST]]),
+    "round str": votes([["r" * 16, DIGEST]]),
+    "reveal round 15 bytes": votes((), [reveal(rid=RID[:15])]),
+    "digest 31 bytes": votes([[RID, DIGEST[:31]]]),
+    "digest 33 bytes": votes([[RID, DIGEST + b"\0"]]),
+    "salt 15 bytes": votes((), [reveal(salt=SALT[:15])]),
+    "salt missing": votes((), [reveal(salt=None)]),
+    "label negative": votes((), [reveal(label=-1)]),
+    "label = classes": votes((), [reveal(label=len(CLASSES))]),
+    "label float": votes((), [reveal(label=0.0)]),
+    "label bool": votes((), [reveal(label=False)]),
+    "proba over one": votes((), [reveal(proba=(PROBA_ONE + 1, 0, 0))]),
+    "proba negative": votes((), [reveal(proba=(PROBA_ONE, -1, 0))]),
+    "proba float": votes((), [reveal(proba=(1.0, 0.0, 0.0))]),
+    "proba too few": votes((), [reveal(proba=(PROBA_ONE, 0))]),
+    "proba too many": votes((), [reveal(proba=(PROBA_ONE, 0, 0, 0))]),
+    "proba not a list": votes((), [[RID, 0, PROBA_ONE, SALT, [0]]]),
+    "second reveal bad": votes((), [GOOD_REVEAL, reveal(rid=bytes(16), label=9)]),
+    "two commits one round": votes([GOOD_COMMIT, [RID, bytes(32)]]),
+    "two reveals one round": votes((), [GOOD_REVEAL, reveal(label=1, proba=(0, PROBA_ONE, 0))]),
+    "seen index out of range": votes((), [reveal(seen=(1,))]),
+    "seen index negative": votes((), [reveal(seen=(-1,))]),
+    "seen indices not increasing": votes((), [reveal(seen=(1, 0))], keys=sorted([ALICE.key, BOB.key])),
+    "seen keys not sorted": votes((), [reveal(seen=(0, 1))], keys=sorted([ALICE.key, BOB.key])[::-1]),
+    "seen keys repeated": votes((), [reveal(seen=(0, 1))], keys=[ALICE.key, ALICE.key]),
+    "seen key 31 bytes": votes((), [reveal()], keys=[ALICE.key[:31]]),
+    "seen key nobody lists (two encodings of one vote)": votes((), [reveal()], keys=sorted([ALICE.key, BOB.key])),
+    "seen keys too many": votes((), [reveal()], keys=[bytes([i // 256, i % 256]) * 16 for i in range(MAX_ITEMS + 1)]),
 }
 
 
@@ -340,7 +376,7 @@ def test_shape_error_messages_name_the_problem():
 
 def test_encode_body_rejects_other_types():
     with pytest.raises(TypeError):
-        encode_body(Vote(RID, 0, one_hot(0)))
+        encode_body(Commit(RID, DIGEST))
 
 
 # -- limits ------------------------------------------------------------------------------------
