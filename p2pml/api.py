@@ -1,7 +1,7 @@
 """The HTTP API: thin handlers that parse, check limits, call the node, and answer JSON.
 
 Every kind of bad input has its own status (400 malformed, 404 unknown, 405 method, 413 too large,
-415 wrong content type, 503 overloaded) and a JSON body ``{"error": "..."}`` naming the problem.
+415 wrong content type, 429 ignored or over a limit, 503 overloaded) and a JSON body ``{"error": "..."}`` naming the problem.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from p2pml.gossip import MSGPACK, PEER_HEADER
+from p2pml.gossip import MSGPACK, PEER_HEADER, PROOF_HEADER
 from p2pml.model import FEATURES
 from p2pml.service import Node, Unavailable
 from p2pml.wire import (
@@ -143,23 +143,40 @@ async def health(request: web.Request) -> web.Response:
                               "model": node.me.model, "behavior": node.model.behavior,
                               "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
                               "intake": node.stats, "pushes": node.gossip.pushes,
-                              "outbox_dropped": {n: link.dropped for n, link in node.gossip.links.items()}})
+                              "outbox_dropped": {n: link.dropped for n, link in node.gossip.links.items()},
+                              "scores": node.scores.view()})
 
 
-async def _msgpack_body(request: web.Request):
+def _source(request: web.Request) -> str:
+    """The scored source of a peer request; refused unread (429) while it is ignored."""
+    node = request.app[NODE]
+    source = node.source_of(request.headers.get(PEER_HEADER), request.headers.get(PROOF_HEADER),
+                            request.remote)
+    left = node.scores.ignored(source)
+    if left:
+        raise web.HTTPTooManyRequests(
+            text=f"{source} is ignored for {left:.0f} s more: it sent {node.scores.limit} invalid "
+                 f"messages", headers={"Retry-After": str(int(left) + 1)})
+    if source.startswith("peer "):
+        node.gossip.heard_from(source[len("peer "):])
+    return source
+
+
+async def _msgpack_body(request: web.Request) -> tuple[bytes, str]:
+    source = _source(request)
     if request.content_type != MSGPACK:
         raise web.HTTPUnsupportedMediaType(text=f"{request.path} takes {MSGPACK}, not {request.content_type!r}")
-    request.app[NODE].gossip.heard_from(request.headers.get(PEER_HEADER))
-    return await request.read()  # bounded by the app's client_max_size (413 beyond)
+    return await request.read(), source  # bounded by the app's client_max_size (413 beyond)
 
 
 async def gossip(request: web.Request) -> web.Response:
-    data = await _msgpack_body(request)
+    data, source = await _msgpack_body(request)
     try:
         envs = unpack_batch(data)
     except WireError as exc:
+        request.app[NODE].scores.penalize(source)
         raise BadInput(str(exc)) from None
-    result = await request.app[NODE].ingest(envs, request.remote or "?")
+    result = await request.app[NODE].ingest(envs, source)
     # A batch is judged message by message; only one with nothing usable at all is a 400.
     if envs and result["rejected"] == len(envs):
         return web.json_response({"error": f"every message was rejected: {result['errors'][0]}",
@@ -172,11 +189,10 @@ async def gossip_ws(request: web.Request) -> web.WebSocketResponse:
     but neither answered nor waited on for its fsync (it is written in the background): the
     sender keeps its own copy, and what a crash loses here anti-entropy brings back."""
     node = request.app[NODE]
-    source = request.headers.get(PEER_HEADER) or request.remote or "?"
+    source = _source(request)
     ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES,
                                heartbeat=node.net.request_timeout_ms / 1000)  # a vanished peer is cut
     await ws.prepare(request)
-    node.gossip.heard_from(request.headers.get(PEER_HEADER))
     async for msg in ws:
         if msg.type != WSMsgType.BINARY:
             await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary gossip batches only")
@@ -185,13 +201,17 @@ async def gossip_ws(request: web.Request) -> web.WebSocketResponse:
             envs = unpack_batch(msg.data)
         except WireError as exc:
             log.debug("bad batch from %s: %s", source, exc)
-            continue
-        await node.ingest(envs, source, acknowledge=False)
+            node.scores.penalize(source)
+        else:
+            await node.ingest(envs, source, acknowledge=False)
+        if node.scores.ignored(source):
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many invalid messages")
+            break
     return ws
 
 
 async def sync(request: web.Request) -> web.Response:
-    data = await _msgpack_body(request)
+    data, _ = await _msgpack_body(request)
     node = request.app[NODE]
     try:
         theirs = msgpack.unpackb(data, max_array_len=256, max_map_len=0, max_str_len=0,
@@ -203,7 +223,7 @@ async def sync(request: web.Request) -> web.Response:
 
 
 async def fetch(request: web.Request) -> web.Response:
-    data = await _msgpack_body(request)
+    data, _ = await _msgpack_body(request)
     try:
         ids = msgpack.unpackb(data, max_array_len=MAX_BATCH_MESSAGES, max_map_len=0,
                               max_str_len=0, max_bin_len=32, max_ext_len=0)

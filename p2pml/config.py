@@ -16,6 +16,8 @@ NETWORK_SETTINGS = {
     "anti_entropy_interval_ms": (500, 50, 60_000),  # how often a node reconciles with a peer
     "request_timeout_ms": (2_000, 100, 60_000),  # total time for one request to a peer
     "batch_window_ms": (0, 0, 100),  # extra wait to fill a query batch (0: only what queued)
+    "invalid_message_limit": (64, 1, 1_000_000),  # invalid messages (decaying) before a source is ignored
+    "ignore_ms": (30_000, 0, 3_600_000),  # how long a source that hit the limit is ignored
 }
 
 
@@ -43,6 +45,8 @@ class NetworkConfig:
     anti_entropy_interval_ms: int = 500
     request_timeout_ms: int = 2_000
     batch_window_ms: int = 0
+    invalid_message_limit: int = 64
+    ignore_ms: int = 30_000
 
     def genesis(self) -> Genesis:
         return Genesis(tuple(Slot(p.name, p.model, p.key) for p in self.peers))

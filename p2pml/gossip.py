@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -46,6 +47,8 @@ FETCHES_PER_SYNC = 8  # fetch requests one reconciliation may make (catch-up spe
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 2.0
 PEER_HEADER = "X-P2PML-Peer"  # the sender's name: traffic from a peer shows it is up again
+PROOF_HEADER = "X-P2PML-Proof"  # Identity.link_proof of that name: who the traffic is scored on
+PROOF_REFRESH_S = 60  # a node re-signs its link proofs this often
 
 
 class Holdings:
@@ -95,6 +98,66 @@ class Holdings:
         return out
 
 
+# -- peer scoring ---------------------------------------------------------------------------------
+
+INVALID_HALF_LIFE_S = 10.0  # a source's count of invalid messages halves every 10 s
+MAX_SOURCES = 4096  # sources scored at once; the least suspect are forgotten first
+
+
+class Scores:
+    """What each source has sent that was provably invalid (bad signature, malformed or
+    non-canonical body, a message the ledger rejects), in the manner of gossipsub v1.1's
+    invalid-message penalty: a count that decays with a half-life; at ``limit`` the source is
+    ignored for ``ignore_s`` (its pushes, posts, syncs and fetches refused unread), then starts
+    afresh. Messages held back only because their author's registration is not here yet are
+    not invalid. A source is a peer that proved its name (see ``link_proof``) or an address."""
+
+    def __init__(self, limit: int, ignore_s: float, clock=time.monotonic):
+        self.limit, self.ignore_s, self._clock = limit, ignore_s, clock
+        self._penalty: dict[str, tuple[float, float]] = {}  # source -> (count, as of)
+        self._ignored: dict[str, float] = {}  # source -> until
+        self.ignored_total = 0
+
+    def _decayed(self, source: str, now: float) -> float:
+        count, then = self._penalty.get(source, (0.0, now))
+        return count * 0.5 ** ((now - then) / INVALID_HALF_LIFE_S)
+
+    def penalize(self, source: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        now = self._clock()
+        count = self._decayed(source, now) + n
+        if count >= self.limit:
+            self._penalty.pop(source, None)
+            self._ignored[source] = now + self.ignore_s
+            self.ignored_total += 1
+            log.warning("ignoring %s for %.0f s: %d invalid messages", source, self.ignore_s, self.limit)
+            return
+        self._penalty[source] = (count, now)
+        if len(self._penalty) > MAX_SOURCES:
+            least = min(self._penalty, key=lambda s: self._decayed(s, now))
+            del self._penalty[least]
+
+    def ignored(self, source: str) -> float:
+        """Seconds this source is still ignored for (0: it is not)."""
+        until = self._ignored.get(source)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self._ignored[source]
+            return 0.0
+        return left
+
+    def view(self) -> dict:
+        now = self._clock()
+        for source in [s for s, until in self._ignored.items() if until <= now]:
+            del self._ignored[source]
+        return {"ignored": {s: round(until - now, 1) for s, until in sorted(self._ignored.items())},
+                "suspect": {s: round(self._decayed(s, now), 1) for s in sorted(self._penalty)
+                            if self._decayed(s, now) >= 1}}
+
+
 class Link:
     """What this node knows of one peer's reachability, and what it still has to send it."""
 
@@ -115,8 +178,12 @@ Ingest = Callable[[list, str], Awaitable[object]]
 
 class Gossip:
     def __init__(self, me: str, peers: list[PeerConfig], holdings: Holdings, ingest: Ingest,
-                 request_timeout_ms: int, interval_ms: int, local_host: str | None = None):
+                 request_timeout_ms: int, interval_ms: int, local_host: str | None = None,
+                 prove: Callable[[str, int], str] | None = None, scores: Scores | None = None):
         self.me = me
+        self._prove = prove  # (receiver, unix time) -> link proof
+        self._proofs: dict[str, tuple[int, str]] = {}
+        self.scores = scores or Scores(64, 30.0)
         self._local_host = local_host
         self.links = {p.name: Link(p) for p in peers}
         self.holdings = holdings
@@ -211,10 +278,22 @@ class Gossip:
         link.failures += 1
         link.retry_at = asyncio.get_running_loop().time() + delay
 
+    def headers(self, receiver: str) -> dict[str, str]:
+        """Who this node is, with a fresh enough proof of it."""
+        headers = {PEER_HEADER: self.me}
+        if self._prove is not None:
+            now = int(time.time())
+            made, proof = self._proofs.get(receiver, (0, ""))
+            if now - made >= PROOF_REFRESH_S:
+                proof = self._prove(receiver, now)
+                self._proofs[receiver] = (now, proof)
+            headers[PROOF_HEADER] = proof
+        return headers
+
     async def _post(self, link: Link, path: str, data: bytes) -> bytes | None:
         """POST and read a bounded answer; None (and the peer marked down) if it fails."""
         try:
-            headers = {"Content-Type": MSGPACK, PEER_HEADER: self.me}
+            headers = {"Content-Type": MSGPACK, **self.headers(link.cfg.name)}
             async with self._session.post(link.cfg.url + path, data=data, headers=headers) as resp:
                 body = bytearray()
                 async for chunk in resp.content.iter_chunked(64 * 1024):
@@ -253,7 +332,7 @@ class Gossip:
         try:
             if link.ws is None or link.ws.closed:
                 link.ws = await self._session.ws_connect(
-                    link.cfg.url + "/gossip/ws", headers={PEER_HEADER: self.me},
+                    link.cfg.url + "/gossip/ws", headers=self.headers(link.cfg.name),
                     max_msg_size=MAX_BATCH_BYTES, autoping=True,
                     heartbeat=self._timeout.total)  # a peer that stops answering pings is cut
                 self._background(self._drain(link.ws))
@@ -303,6 +382,8 @@ class Gossip:
             log.exception("reconciliation with %s failed", link.cfg.name)
 
     async def reconcile(self, link: Link) -> None:
+        if self.scores.ignored(f"peer {link.cfg.name}"):
+            return  # it sent too much that was invalid: nothing more is taken from it for now
         answer = await self._post(link, "/sync", pack(self.holdings.summary()))
         if answer is None:
             return
@@ -321,7 +402,7 @@ class Gossip:
             batch = await self._post(link, "/fetch", pack(missing[k : k + MAX_BATCH_MESSAGES]))
             if batch is None:
                 return
-            await self._ingest_batch(batch, link.cfg.name)
+            await self._ingest_batch(batch, f"peer {link.cfg.name}")
         valid = [b for b in buckets if type(b) is int and 0 <= b < BUCKETS]
         extra = [self.holdings.raw[i] for i in self.holdings.ids_in(valid) if i not in their_ids]
         if extra:
@@ -331,7 +412,8 @@ class Gossip:
         try:
             envs = unpack_batch(data)
         except WireError as exc:
-            log.debug("peer %s sent a bad /fetch answer: %s", source, exc)
+            log.debug("%s sent a bad /fetch answer: %s", source, exc)
+            self.scores.penalize(source)
             return
         await self._ingest(envs, source)
 
@@ -364,3 +446,4 @@ class Gossip:
                 raws.append(raw)
                 size += len(raw)
         return pack_batch(raws)
+

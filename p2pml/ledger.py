@@ -53,6 +53,9 @@ STATUS_EJECTED = "ejected"
 CHECKPOINT_EVERY = 8  # rounds between replay checkpoints (memory against replay time)
 OUTCOMES_KEPT = 8192  # outcomes of the latest rounds kept for answering clients
 
+# Why ``Ledger.add`` holds a message back without judging it invalid: it may be valid later.
+NOT_A_MEMBER = "author holds no seat (no registration held for this key)"
+
 # ---------------------------------------------------------------------------------------------
 # Message types (shape is checked by p2pml.wire before these are built)
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +392,7 @@ class Ledger:
         if not isinstance(body, Register) and msg.author not in self._registered:
             # [IGNORE] not held: re-offered by anti-entropy once its registration is here.
             # (Whether the key holds a seat is decided in the fold: seats can change hands.)
-            return "author holds no seat (no registration held for this key)"
+            return NOT_A_MEMBER
         if isinstance(body, Register):
             reason = self._check_register(msg.author, body)
             if reason:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import numpy as np
 
 from p2pml.config import NetworkConfig, PeerConfig
-from p2pml.gossip import Gossip, Holdings
+from p2pml.gossip import Gossip, Holdings, Scores
 from p2pml.ledger import (
     CLASSES,
     DEPOSIT,
+    NOT_A_MEMBER,
     PROBA_ONE,
     Commit,
     Ledger,
@@ -35,7 +37,15 @@ from p2pml.ledger import (
 )
 from p2pml.model import Model, one_hot
 from p2pml.store import DataDir
-from p2pml.wire import MAX_ITEMS, MAX_LAMPORT, Identity, Signed, Verifier, WireError
+from p2pml.wire import (
+    MAX_ITEMS,
+    MAX_LAMPORT,
+    Identity,
+    Signed,
+    Verifier,
+    WireError,
+    check_link_proof,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +78,15 @@ class Node:
         self.verifier = Verifier(self.genesis_id)
         self.holdings = Holdings()
         self.model = Model(me.model, behavior, self.identity.key)
+        self.scores = Scores(net.invalid_message_limit, net.ignore_ms / 1000)
         self.gossip = Gossip(me.name, [p for p in net.peers if p.name != me.name], self.holdings,
                              self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms,
                              # connect from our own loopback address (a firewall can then tell
                              # peers apart); elsewhere the system picks the route's address
-                             local_host=me.host if me.host.startswith("127.") else None)
+                             local_host=me.host if me.host.startswith("127.") else None,
+                             prove=lambda receiver, t: self.identity.link_proof(
+                                 self.genesis_id, me.name, receiver, t),
+                             scores=self.scores)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._lamport = 0
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
@@ -84,6 +98,7 @@ class Node:
         self._to_copy: dict[bytes, bytes] = {}  # copycat only: round -> issuer, until a reveal shows
         self._late_streak: dict[bytes, int] = {}  # key -> reveals in a row its commit missed
         self._names: dict[bytes, str] = {}  # key -> seat name, from registrations: for routing
+        self._keys: dict[str, bytes] = {p.name: p.key for p in net.peers if p.key}  # seat -> key
         self._vote_wake = asyncio.Event()
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
         self._tasks: list[asyncio.Task] = []
@@ -160,6 +175,8 @@ class Node:
         body = msg.body
         if isinstance(body, Register):
             self._names[msg.author] = body.name
+            if self.ledger.is_member(msg.author):
+                self._keys[body.name] = msg.author
         elif isinstance(body, Query):
             rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
             if self.model.behavior == "copycat":
@@ -200,16 +217,27 @@ class Node:
         self._to_reveal[rid] = None
         self._vote_wake.set()
 
+    def source_of(self, name: str | None, proof: str | None, address: str | None) -> str:
+        """Who sent a request, for scoring: ``peer <name>`` if it proved that name with the
+        seat's key, else its address (a header anyone can write does not make one a peer)."""
+        if name and proof:
+            key = self._keys.get(name)
+            if key and check_link_proof(self.genesis_id, key, name, self.me.name, proof, time.time()):
+                return f"peer {name}"
+        return f"address {address or '?'}"
+
     async def ingest(self, envs: list, source: str, acknowledge: bool = True) -> dict:
         """Verify and hold a batch of decoded envelopes from a peer. With ``acknowledge`` (the
-        sender will be told), durable before returning; otherwise written in the background."""
-        accepted = duplicate = rejected = 0
+        sender will be told), durable before returning; otherwise written in the background.
+        Provably invalid messages count against ``source`` (see ``gossip.Scores``)."""
+        accepted = duplicate = rejected = invalid = 0
         errors: list[str] = []
         for env in envs:
             try:
                 signed = self.verifier.open_fields(env, is_known=self.holdings.__contains__)
             except WireError as exc:
                 reason = str(exc)
+                invalid += 1
             else:
                 if signed is None:
                     duplicate += 1
@@ -223,6 +251,7 @@ class Node:
                     if signed.msg.author == self.identity.key and isinstance(body, Votes) and body.commits:
                         self._foreign_own_vote(signed.msg.id, source)
                     continue
+                invalid += reason != NOT_A_MEMBER
             rejected += 1
             if len(errors) < 8:
                 errors.append(reason)
@@ -231,6 +260,7 @@ class Node:
             self.stats[key] += n
         if rejected:
             log.debug("from %s: rejected %d of %d: %s", source, rejected, len(envs), errors)
+        self.scores.penalize(source, invalid)
         if not acknowledge:
             self.data.commit_soon()
             return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected}

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from p2pml.ledger import CLASSES, PROBA_ONE, Commit, Message, Query, Register, Reveal, Votes
 
 DOMAIN = b"p2pml/v1/message\x00"
+LINK_DOMAIN = b"p2pml/v1/link\x00"  # a proof of who opens a connection, never a message
+LINK_PROOF_MAX_AGE_S = 300  # a link proof older (or newer) than this is not believed
 
 N_FEATURES = 4
 KEY_BYTES = 32
@@ -64,6 +66,28 @@ def pack(obj) -> bytes:
 
 def _signing_bytes(genesis_id: bytes, key: bytes, body: bytes) -> bytes:
     return DOMAIN + genesis_id + key + body
+
+
+def _link_bytes(genesis_id: bytes, sender: str, receiver: str, unix_time: int) -> bytes:
+    return LINK_DOMAIN + genesis_id + pack([sender, receiver, unix_time])
+
+
+def check_link_proof(genesis_id: bytes, key: bytes, sender: str, receiver: str, proof: str,
+                     now: float) -> bool:
+    """Whether ``proof`` (from ``Identity.link_proof``) is ``key``'s, for this sender and
+    receiver, and made within LINK_PROOF_MAX_AGE_S of ``now``."""
+    stamp, _, sig = proof.partition(".")
+    try:
+        unix_time, signature = int(stamp), bytes.fromhex(sig)
+    except ValueError:
+        return False
+    if abs(unix_time - now) > LINK_PROOF_MAX_AGE_S or len(signature) != SIG_BYTES or len(key) != KEY_BYTES:
+        return False
+    try:
+        nacl.bindings.crypto_sign_open(signature + _link_bytes(genesis_id, sender, receiver, unix_time), key)
+    except (nacl.exceptions.BadSignatureError, ValueError):
+        return False
+    return True
 
 
 def message_id(genesis_id: bytes, key: bytes, body: bytes) -> bytes:
@@ -205,6 +229,13 @@ class Identity:
         """The salt of this node's commitment on a round: secret (keyed by the private key),
         yet the same after a restart, so a lost reveal can be made again."""
         return hmac.digest(self.seed(), b"p2pml/salt\x00" + rid, "sha256")[:SALT_BYTES]
+
+    def link_proof(self, genesis_id: bytes, sender: str, receiver: str, unix_time: int) -> str:
+        """``"<unix time>.<signature hex>"``: proves to ``receiver`` that this connection is
+        ``sender``'s, so what arrives on it is scored against ``sender`` and not against an
+        impostor that merely writes ``sender``'s name in a header."""
+        sig = self._private.sign(_link_bytes(genesis_id, sender, receiver, unix_time))
+        return f"{unix_time}.{sig.hex()}"
 
     def sign(self, genesis_id: bytes, body: Register | Query | Votes) -> Signed:
         """Sign ``body``; raises WireError for anything peers would reject, so a node never

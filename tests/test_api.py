@@ -23,7 +23,8 @@ GOOD = {"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4", "pet
 @pytest.fixture(scope="module")
 def api_cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
-    peers = write_network(tmp / "peers.toml", free_ports(2), query_timeout_ms=200)
+    peers = write_network(tmp / "peers.toml", free_ports(2), query_timeout_ms=200,
+                          invalid_message_limit=1_000_000)  # scoring: tests/test_attacks.py
     cluster = LocalCluster(peers, tmp / "data")
     cluster.start()
     try:

@@ -3,6 +3,9 @@ ledger, the attacker paid exactly as the rules say, and no honest peer slashed."
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from sklearn.datasets import load_iris
 
 from p2pml.cluster import get_json
@@ -116,3 +119,78 @@ async def test_a_commit_never_revealed_counts_as_a_wrong_vote(make_cluster):
         assert ed["weight"] < 100_000
         for h in ("ada", "bo", "cy", "di"):
             assert peers[h]["stake"] == DEPOSIT and peers[h]["unrevealed"] == 0, peers[h]
+
+
+async def test_a_source_of_invalid_messages_is_ignored_for_a_while_and_nobody_else_is(make_cluster):
+    """Forged messages cost their sender: after ``invalid_message_limit`` of them (decaying)
+    its gossip, syncs and fetches are refused unread (429) for ``ignore_ms``; other sources,
+    the peers and the clients, are untouched; a header naming a peer without that peer's
+    proof is scored on the address that sent it, so nobody can get an honest peer ignored."""
+    import aiohttp
+    import msgpack
+
+    from p2pml.ledger import Query
+    from p2pml.wire import encode_body, pack, pack_batch
+
+    cluster = make_cluster(3, invalid_message_limit=20, ignore_ms=3000)
+    url = cluster.url("ada")
+    held = get_json(url + "/ledger")
+    some = next(m for m in get_json_messages(url, 3))
+    key, _, _ = msgpack.unpackb(bytes.fromhex(some["envelope"]))
+    body = encode_body(Query(7, ((5.0, 3.0, 1.5, 0.2),)))
+    forged = pack([key, body, bytes(64)])  # a new query in a member's name, not its signature
+    duplicate = bytes.fromhex(some["envelope"])
+
+    def session(host: str) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(host, 0)),
+                                     timeout=aiohttp.ClientTimeout(total=10))
+
+    async def post(s, batch, headers=None):
+        async with s.post(url + "/gossip", data=pack_batch(batch),
+                          headers={"Content-Type": "application/msgpack", **(headers or {})}) as r:
+            return r.status, await r.json()
+
+    async with session("127.0.0.2") as bad, session("127.0.0.3") as spoof, session("127.0.0.1") as good:
+        statuses = []
+        for _ in range(30):
+            statuses.append((await post(bad, [forged]))[0])
+        assert statuses[:19] == [400] * 19 and statuses[-1] == 429, statuses
+        status, answer = await post(bad, [duplicate])  # even a valid one is refused unread
+        assert status == 429 and "ignored" in answer["error"] and "127.0.0.2" in answer["error"]
+        async with bad.post(url + "/sync", data=pack([]), headers={"Content-Type": "application/msgpack"}) as r:
+            assert r.status == 429
+        # Someone writing bo's name without bo's proof is scored as itself.
+        for _ in range(25):
+            await post(spoof, [forged], {"X-P2PML-Peer": "bo"})
+        health = get_json(url + "/health")
+        assert set(health["scores"]["ignored"]) == {"address 127.0.0.2", "address 127.0.0.3"}
+        # Others are untouched: a client's gossip and queries, and the peers themselves.
+        assert (await post(good, [duplicate]))[0] == 200
+        answers = await ask(cluster, load_iris().data[:6], targets=["ada"])
+        assert all(status == 200 and len(body["votes"]) == 3 for status, body, _ in answers)
+        ledgers = cluster.wait_converged(timeout=10)
+        assert len({lg["root"] for lg in ledgers.values()}) == 1
+        assert ledgers["ada"]["messages"] > held["messages"]
+        # Garbage over a WebSocket push stream: cut, and refused when it comes back.
+        async with session("127.0.0.4") as ws_src:
+            async with ws_src.ws_connect(url + "/gossip/ws") as ws:
+                for _ in range(25):
+                    await ws.send_bytes(pack_batch([forged]))
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+                assert ws.close_code == 1008
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await ws_src.ws_connect(url + "/gossip/ws")
+            assert refused.value.status == 429
+        # And the ignoring ends.
+        await asyncio.sleep(3.2)
+        assert (await post(bad, [duplicate]))[0] == 200
+
+
+def get_json_messages(url: str, n: int):
+    """Envelopes of ``n`` messages the node holds (from the rounds it answered)."""
+    import aiohttp  # noqa: F401 - keeps the imports of this helper local, like its callers'
+    health = get_json(url + "/health")
+    assert health["status"] == "ok"
+    answer = get_json(url + "/predict?sepal_length=5.1&sepal_width=3.5&petal_length=1.4&petal_width=0.2")
+    return [get_json(url + "/message/" + v["message"]) for v in answer["votes"][:n]]
