@@ -6,10 +6,14 @@ Every kind of bad input has its own status (400 malformed, 404 unknown, 405 meth
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
+import resource
+import signal
+import time
 
 import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -29,7 +33,12 @@ from p2pml.wire import (
 log = logging.getLogger(__name__)
 
 NODE = web.AppKey("node", Node)
+GUARD = web.AppKey("guard", "ConnectionGuard")
 MAX_PREDICT_BYTES = 4096  # a /predict body holds four numbers; anything near this is abuse
+MAX_CONNECTIONS = 2048  # open connections in all: each costs a few tens of KiB
+MAX_CONNECTIONS_PER_ADDRESS = 256  # so that one address cannot take them all
+MAX_PREDICTS_PER_ADDRESS = 128  # /predict calls in progress from one address (429 beyond)
+BODY_TIMEOUT_S = 5.0  # to send a request body: a client trickling bytes is cut (408)
 
 
 class BadInput(ValueError):
@@ -105,7 +114,7 @@ async def predict_post(request: web.Request) -> web.Response:
             text=f"POST /predict takes application/json, not {request.content_type!r}")
     if (request.content_length or 0) > MAX_PREDICT_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_PREDICT_BYTES, request.content_length)
-    body = await request.read()
+    body = await _read(request)
     if len(body) > MAX_PREDICT_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_PREDICT_BYTES, len(body))
     try:
@@ -119,11 +128,29 @@ async def predict_post(request: web.Request) -> web.Response:
     return await _predict(request, parse_features(doc, "field", text=False))
 
 
+async def _read(request: web.Request) -> bytes:
+    try:
+        return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
+
+
 async def _predict(request: web.Request, row: tuple[float, ...]) -> web.Response:
+    guard = request.app[GUARD]
+    address = request.remote or "?"
+    if guard.predicts.get(address, 0) >= MAX_PREDICTS_PER_ADDRESS:
+        raise web.HTTPTooManyRequests(
+            text=f"{MAX_PREDICTS_PER_ADDRESS} queries from {address} are already waiting for their answer",
+            headers={"Retry-After": "1"})
+    guard.predicts[address] = guard.predicts.get(address, 0) + 1
     try:
         result = await request.app[NODE].predict(row)
     except Unavailable as exc:
         raise web.HTTPServiceUnavailable(text=str(exc), headers={"Retry-After": "1"}) from None
+    finally:
+        guard.predicts[address] -= 1
+        if not guard.predicts[address]:
+            del guard.predicts[address]
     if result["prediction"] is None:
         raise web.HTTPServiceUnavailable(text="no vote arrived in time; retry",
                                          headers={"Retry-After": "1"})
@@ -144,7 +171,8 @@ async def health(request: web.Request) -> web.Response:
                               "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
                               "intake": node.stats, "pushes": node.gossip.pushes,
                               "outbox_dropped": {n: link.dropped for n, link in node.gossip.links.items()},
-                              "scores": node.scores.view()})
+                              "scores": node.scores.view(),
+                              "connections": request.app[GUARD].view()})
 
 
 def _source(request: web.Request) -> str:
@@ -166,7 +194,7 @@ async def _msgpack_body(request: web.Request) -> tuple[bytes, str]:
     source = _source(request)
     if request.content_type != MSGPACK:
         raise web.HTTPUnsupportedMediaType(text=f"{request.path} takes {MSGPACK}, not {request.content_type!r}")
-    return await request.read(), source  # bounded by the app's client_max_size (413 beyond)
+    return await _read(request), source  # bounded by the app's client_max_size (413 beyond)
 
 
 async def gossip(request: web.Request) -> web.Response:
@@ -258,7 +286,10 @@ async def round_(request: web.Request) -> web.Response:
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
-    """Every error leaves as JSON naming the problem; nothing a client sends can cause a 500."""
+    """Every error leaves as JSON naming the problem; nothing a client sends can cause a 500.
+    (Also tells the connection guard that its connection is serving a request.)"""
+    guard = request.app.get(GUARD)
+    conn = guard.busy(request.transport) if guard else None
     try:
         return await handler(request)
     except BadInput as exc:
@@ -272,11 +303,15 @@ async def json_errors(request: web.Request, handler):
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.json_response({"error": "internal error"}, status=500)
+    finally:
+        if conn is not None:
+            guard.done(conn)
 
 
 def make_app(node: Node) -> web.Application:
     app = web.Application(client_max_size=MAX_BATCH_BYTES, middlewares=[json_errors])
     app[NODE] = node
+    app[GUARD] = ConnectionGuard(node.net.idle_timeout_ms / 1000)
 
     async def lifecycle(app: web.Application):
         await node.start()
@@ -295,3 +330,133 @@ def make_app(node: Node) -> web.Application:
     app.router.add_get("/message/{id}", message)
     app.router.add_get("/round/{id}", round_)
     return app
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+class _Conn:
+    __slots__ = ("address", "busy", "since", "transport")
+
+    def __init__(self, address: str, transport):
+        self.address, self.transport = address, transport
+        self.busy, self.since = 0, time.monotonic()
+
+
+class ConnectionGuard:
+    """Bounds what connections can cost, below aiohttp (which has no limit on connections and
+    no deadline for a request's headers): at most MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS
+    from one address (more are closed at once), and a connection that is not serving a
+    request (idle, or trickling a request's headers) is closed after ``idle_s``. A request
+    body has BODY_TIMEOUT_S; a request being served (a /predict waiting for votes, a peer's
+    WebSocket) is never cut."""
+
+    def __init__(self, idle_s: float):
+        self.idle_s = idle_s
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # and never beyond the fds we have
+        self.max_connections = max(16, min(MAX_CONNECTIONS, soft - 128))
+        self._conns: dict[object, _Conn] = {}  # transport -> connection
+        self._per_address: dict[str, int] = {}
+        self.predicts: dict[str, int] = {}
+        self.refused = self.closed_idle = 0
+
+    def wrap(self, factory):
+        guard = self
+
+        class Guarded(asyncio.Protocol):
+            """Forwards everything to aiohttp's protocol; counts the connection."""
+
+            def __init__(self):
+                self.inner = factory()
+                self.conn: _Conn | None = None
+
+            def connection_made(self, transport):
+                peer = transport.get_extra_info("peername")
+                address = peer[0] if peer else "?"
+                if len(guard._conns) >= guard.max_connections or \
+                        guard._per_address.get(address, 0) >= MAX_CONNECTIONS_PER_ADDRESS:
+                    guard.refused += 1
+                    transport.abort()
+                    return
+                self.conn = _Conn(address, transport)
+                guard._conns[transport] = self.conn
+                guard._per_address[address] = guard._per_address.get(address, 0) + 1
+                self.inner.connection_made(transport)
+
+            def connection_lost(self, exc):
+                if self.conn is None:
+                    return
+                guard._conns.pop(self.conn.transport, None)
+                left = guard._per_address[self.conn.address] - 1
+                if left:
+                    guard._per_address[self.conn.address] = left
+                else:
+                    del guard._per_address[self.conn.address]
+                self.inner.connection_lost(exc)
+
+            def data_received(self, data):
+                if self.conn is not None:
+                    self.inner.data_received(data)
+
+            def eof_received(self):
+                return self.inner.eof_received() if self.conn is not None else None
+
+            def pause_writing(self):
+                self.inner.pause_writing()
+
+            def resume_writing(self):
+                self.inner.resume_writing()
+
+        return Guarded
+
+    def busy(self, transport) -> _Conn | None:
+        conn = self._conns.get(transport)
+        if conn is not None:
+            conn.busy += 1
+        return conn
+
+    def done(self, conn: _Conn) -> None:
+        conn.busy -= 1
+        conn.since = time.monotonic()
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self._conns.values()):
+            if not conn.busy and now - conn.since > self.idle_s:
+                self.closed_idle += 1
+                conn.transport.close()
+
+    def view(self) -> dict:
+        return {"open": len(self._conns), "addresses": len(self._per_address),
+                "refused": self.refused, "closed_idle": self.closed_idle}
+
+
+async def serve(node: Node, host: str, port: int) -> None:
+    """Run the API until SIGINT or SIGTERM, behind the connection guard."""
+    app = make_app(node)
+    guard = app[GUARD]
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=guard.idle_s,
+                           handle_signals=False, shutdown_timeout=2)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        server = await loop.create_server(guard.wrap(runner.server), host, port, reuse_address=True)
+    except OSError:
+        await runner.cleanup()
+        raise
+    sweeper = asyncio.create_task(_sweep(guard))
+    try:
+        await stop.wait()
+    finally:
+        sweeper.cancel()
+        server.close()
+        await runner.cleanup()
+
+
+async def _sweep(guard: ConnectionGuard) -> None:
+    while True:
+        await asyncio.sleep(min(1.0, guard.idle_s / 4))
+        guard.sweep()

@@ -18,6 +18,7 @@ NETWORK_SETTINGS = {
     "batch_window_ms": (0, 0, 100),  # extra wait to fill a query batch (0: only what queued)
     "invalid_message_limit": (64, 1, 1_000_000),  # invalid messages (decaying) before a source is ignored
     "ignore_ms": (30_000, 0, 3_600_000),  # how long a source that hit the limit is ignored
+    "idle_timeout_ms": (10_000, 100, 3_600_000),  # a connection with no request in progress for this long is closed
 }
 
 
@@ -47,6 +48,7 @@ class NetworkConfig:
     batch_window_ms: int = 0
     invalid_message_limit: int = 64
     ignore_ms: int = 30_000
+    idle_timeout_ms: int = 10_000
 
     def genesis(self) -> Genesis:
         return Genesis(tuple(Slot(p.name, p.model, p.key) for p in self.peers))

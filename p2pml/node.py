@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
-from aiohttp import web
-
-from p2pml.api import make_app
+from p2pml.api import serve
 from p2pml.config import ConfigError, load
 from p2pml.model import BEHAVIORS
 from p2pml.service import KeyInUse, Node
@@ -53,8 +52,7 @@ def main(argv=None) -> int:
     log.info("peer %s (%s, id %s, %s) on http://%s:%d, data in %s", me.name, me.model, node.id,
              args.behavior, host, me.port, data.path)
     try:
-        web.run_app(make_app(node), host=host, port=me.port, access_log=None, print=None,
-                    shutdown_timeout=2)
+        asyncio.run(serve(node, host, me.port))
     except OSError as exc:
         print(f"{prog}: error: cannot listen on {host}:{me.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

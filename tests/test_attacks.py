@@ -4,6 +4,7 @@ ledger, the attacker paid exactly as the rules say, and no honest peer slashed."
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from sklearn.datasets import load_iris
@@ -194,3 +195,92 @@ def get_json_messages(url: str, n: int):
     assert health["status"] == "ok"
     answer = get_json(url + "/predict?sepal_length=5.1&sepal_width=3.5&petal_length=1.4&petal_width=0.2")
     return [get_json(url + "/message/" + v["message"]) for v in answer["votes"][:n]]
+
+
+async def test_idle_and_slow_connections_and_query_floods_are_bounded(make_cluster):
+    """Hundreds of idle connections, a client trickling its headers, one trickling its body,
+    and a flood of queries from one address: each is cut or refused fast, the node's memory
+    stays put, and an honest client's queries are answered all along."""
+    import time
+
+    import aiohttp
+
+    from p2pml.api import BODY_TIMEOUT_S, MAX_CONNECTIONS_PER_ADDRESS, MAX_PREDICTS_PER_ADDRESS
+
+    cluster = make_cluster(3, idle_timeout_ms=3000)
+    url = cluster.url("ada")
+    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+    pid = cluster.procs["ada"].pid
+
+    def rss_mb() -> float:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1]) / 1024
+
+    async def honest(n: int = 4) -> list[int]:
+        answers = await ask(cluster, load_iris().data[:n], concurrency=1, targets=["ada"])
+        return [status for status, _, _ in answers]
+
+    await honest()
+    rss0 = rss_mb()
+    # Idle connections from one address: beyond the per-address cap they are closed at once.
+    idle = []
+    for _ in range(MAX_CONNECTIONS_PER_ADDRESS + 100):
+        idle.append(await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0)))
+    await asyncio.sleep(0.3)
+    view = get_json(url + "/health")["connections"]
+    assert view["refused"] >= 100 and view["open"] <= MAX_CONNECTIONS_PER_ADDRESS + 10, view
+    assert await honest() == [200] * 4  # served while they sit there
+    # Trickled headers: one byte every 0.2 s never makes a request; cut when idle too long.
+    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.3", 0))
+    t0 = time.monotonic()
+    cut = None
+    for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except ConnectionError:
+            cut = time.monotonic() - t0
+            break
+        if reader.at_eof():
+            cut = time.monotonic() - t0
+            break
+        await asyncio.sleep(0.2)
+    writer.close()
+    assert cut is not None and cut < 6, cut
+    # ...and the idle ones have been closed too.
+    closed = 0
+    for r, w in idle:
+        try:
+            closed += await asyncio.wait_for(r.read(1), 0.5) == b""
+        except (TimeoutError, ConnectionError):
+            pass
+        w.close()
+    assert closed == len(idle), closed
+    # A body that never finishes: 408 after BODY_TIMEOUT_S.
+    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.4", 0))
+    writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"features\"")
+    await writer.drain()
+    t0 = time.monotonic()
+    head = await asyncio.wait_for(reader.read(200), BODY_TIMEOUT_S + 3)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - t0 < BODY_TIMEOUT_S + 2
+    # A flood of queries from one address: beyond its share, 429 at once; others unaffected.
+    # (It keeps under the per-address connection cap, beyond which connections are reset.)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.5", 0), limit=200),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as flood:
+        async def one():
+            t = time.monotonic()
+            async with flood.get(url + "/predict", params={"sepal_length": "5.1", "sepal_width": "3.5",
+                                                         "petal_length": "1.4", "petal_width": "0.2"}) as r:
+                return r.status, time.monotonic() - t
+        flooding = asyncio.gather(*(one() for _ in range(3 * MAX_PREDICTS_PER_ADDRESS)))
+        honest_during = await honest(6)
+        results = await flooding
+    assert honest_during == [200] * 6
+    refused = [t for status, t in results if status == 429]
+    assert len(refused) >= 100, [s for s, _ in results]
+    assert max(refused) < 5  # refused fast, not after waiting
+    assert {status for status, _ in results} <= {200, 429, 503}
+    assert rss_mb() - rss0 < 60, (rss0, rss_mb())
