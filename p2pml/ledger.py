@@ -480,7 +480,10 @@ class Ledger:
 
     def outcome(self, rid: bytes) -> Outcome | None:
         self._settle()
-        return self._outcomes.get(rid)
+        found = self._outcomes.get(rid)
+        if found is None and rid in self._queries and rid not in self._commits:
+            return Outcome(rid, None, ())  # nobody voted: not settled
+        return found
 
     @property
     def queries(self):
@@ -540,10 +543,15 @@ class Ledger:
             cp = 0
         del self._checkpoints[cp + 1 :]
         state = self._checkpoints[cp].copy()
+        changed = False  # since the last checkpoint: if not, the next one is the same state
         for pos in range(cp * CHECKPOINT_EVERY, len(self._order)):
             if pos and pos % CHECKPOINT_EVERY == 0 and pos // CHECKPOINT_EVERY == len(self._checkpoints):
-                self._checkpoints.append(state.copy())
-            self._process_round(state, self._order[pos][1])
+                self._checkpoints.append(state.copy() if changed else self._checkpoints[-1])
+                changed = False
+            rid = self._order[pos][1]
+            if rid in self._commits:  # a round nobody committed on changes nothing (fast path)
+                self._process_round(state, rid)
+                changed = True
         self._state = state
         self._root = None
         self._dirty = None
@@ -612,9 +620,14 @@ class Ledger:
         state.rounds += 1
         for peer, agreed in verdicts:
             judge(state, peer, agreed)
-        for peer in missing:  # committed in time, never revealed: as if it had voted wrong
+        for peer in missing:
+            # Committed in time, not revealed (yet): its weight falls as for a wrong vote, so
+            # revealing only the guesses that turned out right earns nothing. Not entered in the
+            # accuracy window: a reveal still on its way (a busy or cut-off peer) must not get
+            # an honest peer slashed or ejected; when it arrives, the round is judged again.
             peer.unrevealed += 1
-            judge(state, peer, False)
+            peer.votes += 1
+            peer.weight = compute_weight(peer.weight, False)
         for peer in late:
             peer.late += 1
         self._outcomes[rid] = Outcome(rid, consensus, votes, late=tuple(self._members[p.key] for p in late),

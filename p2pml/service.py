@@ -9,6 +9,7 @@ one, so one signature, one model call and one gossip frame serve many queries un
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,11 @@ STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
 REVEAL_AFTER = 0.5  # of query_timeout_ms: reveal then even if some expected commits are missing
 LATE_STREAK_LIMIT = 3  # a peer whose commit missed this many reveals in a row is not waited for
+# A member flooding the network with queries: each node votes on at most this many of one
+# issuer's rows per second beyond a burst (honest load is a few hundred per second per node);
+# the rest are held but not voted on (unsettled rounds change nothing).
+VOTE_RATE_PER_ISSUER = 2000
+VOTE_BURST_PER_ISSUER = 2048
 
 
 class KeyInUse(RuntimeError):
@@ -91,7 +97,11 @@ class Node:
         self._lamport = 0
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
         self._query_wake = asyncio.Event()
-        self._to_vote: list[tuple[bytes, tuple[float, ...], bytes]] = []  # round, row, issuer
+        # rounds to vote on, per issuer (taken in turn, so no issuer's flood delays another's):
+        # issuer -> [(round, row, issuer)]
+        self._to_vote: dict[bytes, collections.deque] = {}
+        self._budget: dict[bytes, tuple[float, float]] = {}  # issuer -> (rows allowed, as of)
+        self._loading = False
         # own commits not revealed yet: round -> (label, proba, issuer, commits waited for)
         self._own: dict[bytes, tuple[int, tuple[int, ...], bytes, frozenset[bytes]]] = {}
         self._to_reveal: dict[bytes, None] = {}  # rounds whose reveal is due, in order
@@ -103,7 +113,7 @@ class Node:
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
         self._tasks: list[asyncio.Task] = []
         self._written_root = ""
-        self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0}
+        self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "not_voted": 0}
         self.key_conflict: str | None = None  # set once a vote by our key that we never signed shows up
         self._adopting = False  # at start after a damaged log: own votes from peers are ours
         self._load()
@@ -113,6 +123,7 @@ class Node:
     def _load(self) -> None:
         """Rebuild everything from the log; then make sure this node is registered."""
         records = self.data.read_log()
+        self._loading = True
         for raw in records:
             try:
                 signed = self.verifier.open(raw)
@@ -120,6 +131,7 @@ class Node:
                 log.warning("log record ignored: %s", exc)
                 continue
             self._hold(signed, log_it=False)
+        self._loading = False
         log.info("loaded %d messages from %s; ledger root %s", len(records), self.data.path,
                  self.ledger.root()[:16])
         if not any(isinstance(m.body, Register) and m.author == self.identity.key
@@ -181,8 +193,8 @@ class Node:
             rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
             if self.model.behavior == "copycat":
                 self._to_copy.update((rid, issuer) for rid, _, issuer in rounds)
-            else:
-                self._to_vote.extend(rounds)
+            elif self._within_budget(msg.author, len(rounds)):
+                self._to_vote.setdefault(msg.author, collections.deque()).extend(rounds)
                 self._vote_wake.set()
         elif isinstance(body, Votes):
             for c in body.commits:
@@ -197,6 +209,35 @@ class Node:
                 if waiter and waiter[0] <= self.ledger.revealers(r.round):
                     waiter[1].set()
         return None
+
+    def _within_budget(self, issuer: bytes, rows: int) -> bool:
+        """A token bucket per issuer (own queries, and everything at start-up, always pass)."""
+        if issuer == self.identity.key or self._loading:
+            return True
+        now = time.monotonic()
+        tokens, then = self._budget.get(issuer, (VOTE_BURST_PER_ISSUER, now))
+        tokens = min(VOTE_BURST_PER_ISSUER, tokens + (now - then) * VOTE_RATE_PER_ISSUER)
+        if tokens < rows:
+            self._budget[issuer] = (tokens, now)
+            self.stats["not_voted"] += rows
+            return False
+        self._budget[issuer] = (tokens - rows, now)
+        return True
+
+    def _next_batch(self) -> list:
+        """Up to MAX_ITEMS rounds to vote on, taken from the issuers in turn."""
+        batch: list = []
+        while self._to_vote and len(batch) < MAX_ITEMS:
+            for issuer in list(self._to_vote):
+                queue = self._to_vote[issuer]
+                take = max(1, (MAX_ITEMS - len(batch)) // max(1, len(self._to_vote)))
+                for _ in range(min(take, len(queue), MAX_ITEMS - len(batch))):
+                    batch.append(queue.popleft())
+                if not queue:
+                    del self._to_vote[issuer]
+                if len(batch) >= MAX_ITEMS:
+                    break
+        return batch
 
     def _maybe_reveal(self, rid: bytes, now: bool = False) -> None:
         """Reveal the own vote on ``rid`` once every expected commit is held, or once anyone
@@ -333,8 +374,7 @@ class Node:
             await self._vote_wake.wait()
             self._vote_wake.clear()
             while self._to_vote or self._to_reveal:
-                batch = self._to_vote[:MAX_ITEMS]
-                del self._to_vote[:MAX_ITEMS]
+                batch = self._next_batch()
                 reveal = list(self._to_reveal)[:MAX_ITEMS]
                 for rid in reveal:
                     del self._to_reveal[rid]

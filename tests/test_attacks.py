@@ -101,25 +101,29 @@ async def test_copycat_is_never_counted_nor_rewarded(make_cluster):
             assert peers[h]["votes"] >= len(rows)
 
 
-async def test_a_commit_never_revealed_counts_as_a_wrong_vote(make_cluster):
+async def test_a_commit_never_revealed_costs_the_peer_its_weight(make_cluster):
     """A peer that commits in time and never reveals (so it could reveal only when it turns
-    out right) is judged on each such commit as a disagreement: it loses weight and stake."""
+    out right) loses weight on each such commit as on a wrong vote: it ends with no say. Its
+    stake is not burned: a missing reveal may still be on its way (docs/ledger.md)."""
     cluster = make_cluster(5, behaviors={"ed": "withhold"})
     iris = load_iris()
-    rows = list(range(0, 150, 3))  # 50 rows: two full accuracy windows and more
+    rows = list(range(0, 150, 3))  # 50 rows
     answers = await ask(cluster, iris.data[rows], concurrency=2, targets=list(HONEST) + ["di"])
     assert all(status == 200 for status, _, _ in answers)
     assert any("ed" in body["unrevealed"] for _, body, _ in answers)
+    right = sum(body["prediction"] == iris.target_names[iris.target[i]]
+                for i, (_, body, _) in zip(rows, answers))
+    assert right / len(rows) >= 0.9
     ledgers = cluster.wait_converged(timeout=15)
     assert len({lg["root"] for lg in ledgers.values()}) == 1
     for lg in ledgers.values():
         peers = by_name(lg)
         ed = peers["ed"]
         assert ed["unrevealed"] >= 40 and ed["agreed"] == 0, ed
-        assert ed["stake"] == DEPOSIT - DEPOSIT * 10 // 100 - (DEPOSIT * 90 // 100) * 10 // 100, ed
-        assert ed["weight"] < 100_000
+        assert ed["weight"] < 10_000 and ed["stake"] == DEPOSIT, ed
         for h in ("ada", "bo", "cy", "di"):
             assert peers[h]["stake"] == DEPOSIT and peers[h]["unrevealed"] == 0, peers[h]
+            assert peers[h]["weight"] > 900_000
 
 
 async def test_a_source_of_invalid_messages_is_ignored_for_a_while_and_nobody_else_is(make_cluster):
@@ -284,3 +288,44 @@ async def test_idle_and_slow_connections_and_query_floods_are_bounded(make_clust
     assert max(refused) < 5  # refused fast, not after waiting
     assert {status for status, _ in results} <= {200, 429, 503}
     assert rss_mb() - rss0 < 60, (rss0, rss_mb())
+
+
+async def test_a_member_flooding_queries_does_not_hold_up_honest_ones(make_cluster):
+    """A member (here: a process holding ed's key) publishes 60 queries of 256 rows at once,
+    15 360 rounds. Each node votes on at most its burst of them, takes rounds from the issuers
+    in turn, and keeps answering honest queries with every peer's vote."""
+    import time
+
+    import aiohttp
+
+    from p2pml.ledger import Query
+    from p2pml.service import VOTE_BURST_PER_ISSUER
+    from p2pml.wire import MAX_ITEMS, Identity, pack_batch
+
+    cluster = make_cluster(3)
+    seed = (cluster.data_root / "cy" / "node.key").read_bytes()
+    mallory = Identity.from_seed(seed)  # cy's key, in a second process: cy's queries, not cy's node
+    genesis = bytes.fromhex(get_json(cluster.url("ada") + "/ledger")["genesis"])
+    setosa = load_iris().data[:50]  # rows every model agrees on: this test is about load only
+    rows = tuple(tuple(float(x) for x in setosa[i % 50]) for i in range(MAX_ITEMS))
+    flood = [mallory.sign(genesis, Query(10_000 + k, rows)).raw for k in range(60)]
+    async with aiohttp.ClientSession() as s:
+        for name in ("ada", "bo"):
+            for k in range(0, len(flood), 10):
+                async with s.post(cluster.url(name) + "/gossip", data=pack_batch(flood[k:k + 10]),
+                                  headers={"Content-Type": "application/msgpack"}) as r:
+                    assert r.status == 200 and (await r.json())["rejected"] == 0
+    t0 = time.monotonic()
+    answers = await ask(cluster, load_iris().data[::30], concurrency=1, targets=["ada", "bo"])
+    took = time.monotonic() - t0
+    assert all(status == 200 for status, _, _ in answers), [(st, b, round(t, 2)) for st, b, t in answers]
+    iris = load_iris()
+    right = sum(body["prediction"] == iris.target_names[iris.target[i]]
+                for i, (_, body, _) in zip(range(0, 150, 30), answers))
+    assert right >= len(answers) - 1
+    # On this 2-core machine the flood (about 2 000 voted rounds per node) makes peers slow to
+    # commit, so some answers count fewer votes; they still come, within a second or so.
+    assert took / len(answers) < 1.5, took
+    for name in ("ada", "bo"):
+        intake = get_json(cluster.url(name) + "/health")["intake"]
+        assert intake["not_voted"] >= 60 * MAX_ITEMS - VOTE_BURST_PER_ISSUER - 4000, intake

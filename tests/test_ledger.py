@@ -380,14 +380,14 @@ def test_a_late_joiner_vouches_for_an_early_voter_who_is_judged_against_it(net):
     assert lg.outcome(rid).consensus == 1 and [cv.peer for cv in lg.outcome(rid).votes] == [pid(net, 0)]
 
 
-def test_an_unrevealed_timely_commit_is_judged_as_a_disagreement_until_revealed(net):
+def test_an_unrevealed_timely_commit_costs_weight_until_revealed_never_stake(net):
     lg = with_members(net)
     rid = open_round(net, lg)
     for i in range(4):
         lg.add(net.votes(i, 1, [(rid, 0)]))
     lg.add(net.commit(4, 1, [(rid, 0)]))
     p = lg.state.peers[pid(net, 4)]
-    assert (p.unrevealed, p.votes, p.agreed) == (1, 1, 0)
+    assert (p.unrevealed, p.votes, p.agreed, p.history) == (1, 1, 0, "")
     assert p.weight == L.compute_weight(L.INITIAL_WEIGHT, False)
     assert lg.outcome(rid).unrevealed == (pid(net, 4),)
     lg.add(net.reveal(4, 2, [(rid, 0)]))  # the reveal arrives late (a partition): recomputed
@@ -440,3 +440,17 @@ def test_reveals_re_made_with_other_seen_lists_are_one_vote_seen_by_their_inters
     assert p0.equivocation is None and p0.votes == 1
     # peer 4 is seen by 3 of its 4 others (peer 0's reveals intersect to range(4)): timely
     assert pid(net, 4) in {cv.peer for cv in lg.outcome(rid).votes}
+
+
+def test_never_revealing_drives_weight_to_zero_but_burns_no_stake(net):
+    """A reveal may still be on its way, so a missing one is never slashed for; but a peer that
+    commits and keeps its votes to itself loses its say."""
+    lg = with_members(net)
+    for lam in range(1, 3 * L.ACCURACY_WINDOW):
+        rid = open_round(net, lg, lam)
+        for i in range(4):
+            lg.add(net.votes(i, lam, [(rid, 0)]))
+        lg.add(net.commit(4, lam, [(rid, 0)]))
+    p = lg.state.peers[pid(net, 4)]
+    assert p.weight < L.WEIGHT_ONE // 100 and p.stake == L.DEPOSIT and p.status == L.STATUS_ACTIVE
+    assert p.unrevealed == 3 * L.ACCURACY_WINDOW - 1
