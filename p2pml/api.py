@@ -218,6 +218,9 @@ async def gossip_ws(request: web.Request) -> web.WebSocketResponse:
     sender keeps its own copy, and what a crash loses here anti-entropy brings back."""
     node = request.app[NODE]
     source = _source(request)
+    if not source.startswith("peer "):  # a stream is held open: only for peers that prove it
+        raise web.HTTPForbidden(text="/gossip/ws is for peers: send X-P2PML-Peer and a valid "
+                                     "X-P2PML-Proof (or use POST /gossip)")
     ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES,
                                heartbeat=node.net.request_timeout_ms / 1000)  # a vanished peer is cut
     await ws.prepare(request)
@@ -423,6 +426,9 @@ class ConnectionGuard:
         now = time.monotonic()
         for conn in list(self._conns.values()):
             if not conn.busy and now - conn.since > self.idle_s:
+                if conn.transport.is_closing():  # closed before, but its answer is not read
+                    conn.transport.abort()
+                    continue
                 self.closed_idle += 1
                 conn.transport.close()
 

@@ -400,7 +400,8 @@ class Ledger:
             self._registrations.setdefault(body.name, []).append(msg)
             self._registered.add(msg.author)
             seats = self._assign_seats()
-            if seats.keys() != self._seats.keys():  # membership changed: replay from genesis
+            # Membership changed (a key won, lost or changed seats): replay from genesis.
+            if {k: m.id for k, m in seats.items()} != {k: m.id for k, m in self._seats.items()}:
                 self._checkpoints = []
                 self._mark_dirty(0)
             self._seats = seats

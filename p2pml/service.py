@@ -132,6 +132,18 @@ class Node:
                 continue
             self._hold(signed, log_it=False)
         self._loading = False
+        # Of the history just read, vote only where it can still count: rounds committed to
+        # but not revealed (a restart in between), and rounds nobody has revealed on yet (on
+        # the others a vote would be late: never counted nor judged).
+        me = self.identity.key
+        for issuer in list(self._to_vote):
+            keep = collections.deque(
+                item for item in self._to_vote[issuer]
+                if self.ledger.commits_of(me, item[0]) or not self.ledger.revealers(item[0]))
+            if keep:
+                self._to_vote[issuer] = keep
+            else:
+                del self._to_vote[issuer]
         log.info("loaded %d messages from %s; ledger root %s", len(records), self.data.path,
                  self.ledger.root()[:16])
         if not any(isinstance(m.body, Register) and m.author == self.identity.key
@@ -193,7 +205,7 @@ class Node:
             rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
             if self.model.behavior == "copycat":
                 self._to_copy.update((rid, issuer) for rid, _, issuer in rounds)
-            elif self._within_budget(msg.author, len(rounds)):
+            elif self.ledger.is_member(msg.author) and self._within_budget(msg.author, len(rounds)):
                 self._to_vote.setdefault(msg.author, collections.deque()).extend(rounds)
                 self._vote_wake.set()
         elif isinstance(body, Votes):
@@ -420,13 +432,20 @@ class Node:
             else:
                 commits.append(Commit(rid, digest))
         for rid in reveal:
-            if rid in self._to_copy:
+            if rid in self._to_copy and len(commits) < MAX_ITEMS:
                 commits += self._copy(rid)
+        # One message holds at most MAX_ITEMS reveals: the rest wait for the next one.
+        for rid in reveal[MAX_ITEMS:]:
+            self._to_reveal[rid] = None
+            self._vote_wake.set()
+        reveal = reveal[:MAX_ITEMS]
         reveals = self._reveals(reveal, issuers)
         if not commits and not reveals:
             return
         lamport = self._next_lamport()
         signed = self.identity.sign(self.genesis_id, Votes(lamport, tuple(commits), tuple(reveals)))
+        for r in reveals:  # signed: they are made (if publishing fails now, a restart redoes them)
+            self._own.pop(r.round, None)
         if behavior == "equivocate" and commits:
             self._equivocate(lamport, commits)
         # Commits go to everyone at once (each peer reveals once it holds them all); reveals
@@ -450,7 +469,7 @@ class Node:
         reveals = []
         members = [p.key for p in self.ledger.last_state.peers.values() if is_active(p)]
         for rid in rounds:
-            entry = self._own.pop(rid, None)
+            entry = self._own.get(rid)
             if entry is None:
                 continue
             label, proba, issuer, _ = entry

@@ -131,11 +131,13 @@ async def test_a_source_of_invalid_messages_is_ignored_for_a_while_and_nobody_el
     its gossip, syncs and fetches are refused unread (429) for ``ignore_ms``; other sources,
     the peers and the clients, are untouched; a header naming a peer without that peer's
     proof is scored on the address that sent it, so nobody can get an honest peer ignored."""
+    import time
+
     import aiohttp
     import msgpack
 
     from p2pml.ledger import Query
-    from p2pml.wire import encode_body, pack, pack_batch
+    from p2pml.wire import Identity, encode_body, pack, pack_batch
 
     cluster = make_cluster(3, invalid_message_limit=20, ignore_ms=3000)
     url = cluster.url("ada")
@@ -176,17 +178,25 @@ async def test_a_source_of_invalid_messages_is_ignored_for_a_while_and_nobody_el
         ledgers = cluster.wait_converged(timeout=10)
         assert len({lg["root"] for lg in ledgers.values()}) == 1
         assert ledgers["ada"]["messages"] > held["messages"]
-        # Garbage over a WebSocket push stream: cut, and refused when it comes back.
+        # A push stream is for proven peers only; one that sends garbage is cut, and refused
+        # when it comes back (here a process holding cy's key, proving cy's name).
         async with session("127.0.0.4") as ws_src:
-            async with ws_src.ws_connect(url + "/gossip/ws") as ws:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await ws_src.ws_connect(url + "/gossip/ws", headers={"X-P2PML-Peer": "cy"})
+            assert refused.value.status == 403
+            cy = Identity.from_seed((cluster.data_root / "cy" / "node.key").read_bytes())
+            proof = {"X-P2PML-Peer": "cy",
+                     "X-P2PML-Proof": cy.link_proof(bytes.fromhex(held["genesis"]), "cy", "ada", int(time.time()))}
+            async with ws_src.ws_connect(url + "/gossip/ws", headers=proof) as ws:
                 for _ in range(25):
                     await ws.send_bytes(pack_batch([forged]))
                 msg = await ws.receive(timeout=5)
                 assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
                 assert ws.close_code == 1008
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await ws_src.ws_connect(url + "/gossip/ws")
+                await ws_src.ws_connect(url + "/gossip/ws", headers=proof)
             assert refused.value.status == 429
+            assert "peer cy" in get_json(url + "/health")["scores"]["ignored"]
         # And the ignoring ends.
         await asyncio.sleep(3.2)
         assert (await post(bad, [duplicate]))[0] == 200

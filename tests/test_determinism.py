@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pml import ledger as L
+from p2pml.config import MODEL_KINDS
 from tests.conftest import Net
 
 NET = Net()
@@ -19,6 +20,8 @@ def histories(draw):
     vote messages at random, each reveal listing a random set of committers; some votes missing,
     late, never revealed, re-revealed with another list, equivocating or not matching."""
     msgs = list(NET.registrations())
+    if draw(st.booleans()):  # one key also claims a second seat (it may win it, or move)
+        msgs.append(NET.register(0, name="bo", model=MODEL_KINDS[1]))
     rounds = []
     specs = draw(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 12), st.integers(1, 3)),
                           min_size=1, max_size=16))

@@ -454,3 +454,24 @@ def test_never_revealing_drives_weight_to_zero_but_burns_no_stake(net):
     p = lg.state.peers[pid(net, 4)]
     assert p.weight < L.WEIGHT_ONE // 100 and p.stake == L.DEPOSIT and p.status == L.STATUS_ACTIVE
     assert p.unrevealed == 3 * L.ACCURACY_WINDOW - 1
+
+
+def test_a_key_moving_to_another_seat_replays_from_genesis(net):
+    """One key registering for two unpinned seats holds the first by name order; whichever of
+    its registrations arrives first, the ledger ends the same (found by review)."""
+    from p2pml.config import MODEL_KINDS
+
+    regs = net.registrations()
+    extra = net.register(0, name="bo", model=MODEL_KINDS[1])
+    q, (rid,) = net.query(2, 1)
+    votes = [net.votes(i, 1, [(rid, 0)]) for i in (2, 3, 4)]
+    roots = set()
+    for order in ([extra, regs[0], *regs[2:], q, *votes], [*regs[2:], q, *votes, extra, regs[0]],
+                  [regs[0], extra, *regs[2:], q, *votes]):
+        lg = Ledger(net.genesis)
+        for m in order:
+            lg.add(m)
+            lg.root()  # a read in between, as a node makes
+        roots.add(lg.root())
+        assert lg.state.peers[pid(net, 0)].name == "ada"
+    assert len(roots) == 1
