@@ -504,6 +504,11 @@ class Ledger:
         return {key for contents in self._reveals.get(rid, {}).values()
                 for variants in contents.values() for seen in variants for key in seen}
 
+    def listings(self, rid: bytes) -> dict[bytes, set[bytes]]:
+        """For each author with a reveal on this round, every key its reveals list."""
+        return {author: {key for variants in contents.values() for seen in variants for key in seen}
+                for author, contents in self._reveals.get(rid, {}).items()}
+
     def revealed_labels(self, rid: bytes) -> list[int]:
         """The label of every reveal held on this round, one per author (in author order)."""
         return [next(iter(contents))[0] for _, contents in sorted(self._reveals.get(rid, {}).items())]

@@ -105,6 +105,9 @@ class Node:
         # own commits not revealed yet: round -> (label, proba, issuer, commits waited for)
         self._own: dict[bytes, tuple[int, tuple[int, ...], bytes, frozenset[bytes]]] = {}
         self._to_reveal: dict[bytes, None] = {}  # rounds whose reveal is due, in order
+        # round -> the commits held when another peer's reveal on it first arrived: all that
+        # this node's reveal will list (a commit made after a reveal was out may be a copy)
+        self._frozen: dict[bytes, frozenset[bytes]] = {}
         self._to_copy: dict[bytes, bytes] = {}  # copycat only: round -> issuer, until a reveal shows
         self._late_streak: dict[bytes, int] = {}  # key -> reveals in a row its commit missed
         self._names: dict[bytes, str] = {}  # key -> seat name, from registrations: for routing
@@ -213,6 +216,11 @@ class Node:
                 self._maybe_reveal(c.round)
             for r in body.reveals:
                 if msg.author != self.identity.key:
+                    if r.round in self._own and r.round not in self._frozen:
+                        held = self.ledger.committers(r.round)
+                        if any(c.round == r.round for c in body.commits):
+                            held.discard(msg.author)  # committed together with its reveal
+                        self._frozen[r.round] = frozenset(held)
                     self._maybe_reveal(r.round)
                     if r.round in self._to_copy:
                         self._to_reveal[r.round] = None
@@ -221,6 +229,20 @@ class Node:
                 if waiter and waiter[0] <= self.ledger.revealers(r.round):
                     waiter[1].set()
         return None
+
+    def _vouched(self, rid: bytes) -> frozenset[bytes]:
+        """What this node's reveal on ``rid`` lists once another reveal has been seen: the
+        commits it held at that moment, and those that the reveals of their authors list
+        (each such author had committed before any reveal reached this node, so it could not
+        have copied; what it lists was committed before it revealed). A commit that arrived
+        only after a reveal was out, and is vouched for by nobody trusted, is left out: it may
+        be a copy of that reveal."""
+        frozen = self._frozen[rid]
+        listed = set(frozen)
+        for author, keys in self.ledger.listings(rid).items():
+            if author in frozen:
+                listed |= keys
+        return frozenset(listed)
 
     def _within_budget(self, issuer: bytes, rows: int) -> bool:
         """A token bucket per issuer (own queries, and everything at start-up, always pass)."""
@@ -261,7 +283,10 @@ class Node:
         entry = self._own.get(rid)
         if entry is None or rid in self._to_reveal:
             return
-        if not now:
+        if not now and rid in self._frozen:
+            if not self._vouched(rid) <= self.ledger.committers(rid):
+                return  # commits the trusted reveals list are on their way: list them too
+        elif not now:
             committed = self.ledger.committers(rid)
             if not entry[3] <= committed:
                 revealed = self.ledger.revealers(rid) - {self.identity.key}
@@ -417,7 +442,7 @@ class Node:
                 results = self.model.vote(rows, rounds)
             else:
                 results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
-        commits, issuers, expected = [], set(), self.expected_voters()
+        commits, expected = [], self.expected_voters()
         for (rid, _, issuer), (label, proba) in zip(todo, results):
             digest = commitment(me, rid, label, proba, self.identity.salt(rid))
             held = self.ledger.commits_of(me, rid)
@@ -426,7 +451,6 @@ class Node:
                             rid.hex()[:16])
                 continue
             self._own[rid] = (label, proba, issuer, expected)
-            issuers.add(self._names.get(issuer, ""))
             if held:
                 reveal.append(rid)  # committed before a restart: reveal now
             else:
@@ -439,7 +463,7 @@ class Node:
             self._to_reveal[rid] = None
             self._vote_wake.set()
         reveal = reveal[:MAX_ITEMS]
-        reveals = self._reveals(reveal, issuers)
+        reveals = self._reveals(reveal)
         if not commits and not reveals:
             return
         lamport = self._next_lamport()
@@ -448,10 +472,10 @@ class Node:
             self._own.pop(r.round, None)
         if behavior == "equivocate" and commits:
             self._equivocate(lamport, commits)
-        # Commits go to everyone at once (each peer reveals once it holds them all); reveals
-        # at once to the issuers, who are waiting, and to the others within LAZY_PUSH_S.
-        await self._publish(signed, urgent_to=None if commits else issuers,
-                            durable="first" if commits else "background")
+        # Everything goes to everyone at once: commits (each peer reveals once it holds them
+        # all) and reveals too (a reveal that reached the issuer before the others would give
+        # an issuer that copies time to get its commit listed by them).
+        await self._publish(signed, durable="first" if commits else "background")
         if commits:
             loop.call_later(self.net.query_timeout_ms / 1000 * REVEAL_AFTER, self._reveal_now,
                             [c.round for c in commits])
@@ -460,11 +484,12 @@ class Node:
         for rid in rounds:
             self._maybe_reveal(rid, now=True)
 
-    def _reveals(self, rounds: list[bytes], issuers: set[str]) -> list[Reveal]:
+    def _reveals(self, rounds: list[bytes]) -> list[Reveal]:
         """Reveal own votes on ``rounds``, listing whose commits this node holds now."""
         if self.model.behavior == "withhold":
             for rid in rounds:
                 self._own.pop(rid, None)
+                self._frozen.pop(rid, None)
             return []
         reveals = []
         members = [p.key for p in self.ledger.last_state.peers.values() if is_active(p)]
@@ -472,11 +497,12 @@ class Node:
             entry = self._own.get(rid)
             if entry is None:
                 continue
-            label, proba, issuer, _ = entry
-            seen = frozenset(self.ledger.committers(rid))
+            label, proba, _, _ = entry
+            held = frozenset(self.ledger.committers(rid))
+            seen = self._vouched(rid) & held if rid in self._frozen else held
+            self._frozen.pop(rid, None)
             for key in members:  # who keeps us waiting: not waited for after a few times
                 self._late_streak[key] = 0 if key in seen else self._late_streak.get(key, 0) + 1
-            issuers.add(self._names.get(issuer, ""))
             reveals.append(Reveal(rid, label, proba, self.identity.salt(rid), seen))
         return reveals
 
