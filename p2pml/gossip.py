@@ -40,7 +40,6 @@ BUCKETS = 256
 MAX_SYNC_BUCKETS = 64  # buckets answered per /sync: bounds one answer to ~64 x ids-per-bucket
 MAX_SYNC_IDS = 32 * 1024  # ids per /sync answer (1 MiB of ids)
 MAX_RESPONSE_BYTES = 2 * MAX_BATCH_BYTES  # the most this node reads of any peer's answer
-LAZY_PUSH_S = 0.05  # how long a message that nobody is waiting for may wait to share a push
 MAX_PUSH_BYTES = 512 * 1024  # one push POST; aiohttp streams larger bodies less well
 MAX_OUTBOX = 8 * MAX_BATCH_MESSAGES  # envelopes queued for one peer; older ones are dropped
 FETCHES_PER_SYNC = 8  # fetch requests one reconciliation may make (catch-up speed vs fairness)
@@ -165,7 +164,6 @@ class Link:
         self.cfg = cfg
         self.outbox: list[bytes] = []
         self.wake = asyncio.Event()
-        self.timer: asyncio.TimerHandle | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.up = True
         self.failures = 0
@@ -230,12 +228,11 @@ class Gossip:
     def reachable(self) -> set[str]:
         return {name for name, link in self.links.items() if link.up}
 
-    def broadcast(self, raws: list[bytes], urgent_to: set[str] | None = None) -> None:
-        """Push to every reachable peer: now to ``urgent_to`` (default: all), to the others
-        within LAZY_PUSH_S, sharing the push with whatever else queues meanwhile."""
-        for name, link in self.links.items():
+    def broadcast(self, raws: list[bytes]) -> None:
+        """Push to every reachable peer, sharing a frame with whatever else queues meanwhile."""
+        for link in self.links.values():
             if link.up:
-                self._enqueue(link, raws, urgent_to is None or name in urgent_to)
+                self._enqueue(link, raws)
 
     def send_to(self, names: set[str], raws: list[bytes]) -> None:
         """Push to some peers only (the equivocate behaviour's way of splitting the network)."""
@@ -243,20 +240,12 @@ class Gossip:
             if name in self.links and self.links[name].up:
                 self._enqueue(self.links[name], raws)
 
-    def _enqueue(self, link: Link, raws: list[bytes], urgent: bool = True) -> None:
+    def _enqueue(self, link: Link, raws: list[bytes]) -> None:
         link.outbox.extend(raws)
         excess = len(link.outbox) - MAX_OUTBOX
         if excess > 0:
             del link.outbox[:excess]
             link.dropped += excess
-        if urgent:
-            link.wake.set()
-        elif link.timer is None:
-            link.timer = asyncio.get_running_loop().call_later(LAZY_PUSH_S, self._lazy_due, link)
-
-    @staticmethod
-    def _lazy_due(link: Link) -> None:
-        link.timer = None
         link.wake.set()
 
     # -- transport ------------------------------------------------------------------------------

@@ -110,7 +110,6 @@ class Node:
         self._frozen: dict[bytes, frozenset[bytes]] = {}
         self._to_copy: dict[bytes, bytes] = {}  # copycat only: round -> issuer, until a reveal shows
         self._late_streak: dict[bytes, int] = {}  # key -> reveals in a row its commit missed
-        self._names: dict[bytes, str] = {}  # key -> seat name, from registrations: for routing
         self._keys: dict[str, bytes] = {p.name: p.key for p in net.peers if p.key}  # seat -> key
         self._vote_wake = asyncio.Event()
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
@@ -201,7 +200,6 @@ class Node:
             self.data.append([signed.raw])
         body = msg.body
         if isinstance(body, Register):
-            self._names[msg.author] = body.name
             if self.ledger.is_member(msg.author):
                 self._keys[body.name] = msg.author
         elif isinstance(body, Query):
@@ -361,8 +359,7 @@ class Node:
         self._lamport = min(MAX_LAMPORT, max(self._lamport, self.ledger.lamport) + 1)
         return self._lamport
 
-    async def _publish(self, signed: Signed, urgent_to: set[str] | None = None,
-                       durable: str = "first") -> None:
+    async def _publish(self, signed: Signed, durable: str = "first") -> None:
         """Hold, send, and make durable. A commit is on disk before anything else sees it (the
         ledger, a peer), so no restart can lead this node to sign a conflicting one
         (``durable="first"``); a query may travel while it is being written, and is durable
@@ -374,7 +371,7 @@ class Node:
         reason = self._hold(signed, log_it=durable != "first")
         if reason:  # pragma: no cover - our own messages are built valid
             raise RuntimeError(f"own message rejected: {reason}")
-        self.gossip.broadcast([signed.raw], urgent_to)
+        self.gossip.broadcast([signed.raw])
         if durable == "before return":
             await self.data.commit()
         elif durable == "background":
