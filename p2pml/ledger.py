@@ -155,7 +155,7 @@ class PeerState:
     slashed: int = 0
     equivocation: tuple[str, str, str] | None = None  # (round, message id, message id)
     late: int = 0  # votes committed after most of the others had revealed: neither judged nor counted
-    unrevealed: int = 0  # judged commits whose vote was never revealed (each judged a disagreement)
+    unrevealed: int = 0  # timely commits not revealed: each cost weight as a wrong vote (not stake)
 
     def copy(self) -> PeerState:
         return PeerState(
