@@ -273,27 +273,47 @@ def compute_consensus(voters: list[tuple[PeerState, int]]) -> int:
     for peer, label in voters:
         by_power[label] += power(peer)
         by_count[label] += 1
+    return _leading(by_power, by_count)
+
+
+def _leading(by_power: list[int], by_count: list[int]) -> int:
     score = by_power if any(by_power) else by_count
-    return max((c for c in range(len(CLASSES)) if by_count[c]), key=lambda c: (score[c], -c))
+    best = -1
+    for c in range(len(CLASSES)):  # strictly greater: a tie keeps the lower class
+        if by_count[c] and (best < 0 or score[c] > score[best]):
+            best = c
+    return best
 
 
-def vouchers(peer: PeerState, revealed: list[tuple[PeerState, int, frozenset[bytes]]]) -> list:
-    """The other revealers ``(peer, label)`` that held ``peer``'s commit before revealing: votes
-    ``peer`` provably could not have seen when it committed (a reveal cannot list a commit that
-    did not exist yet), so the ones it is fairly judged against."""
-    return [(p, label) for p, label, seen in revealed if p is not peer and peer.key in seen]
+def assess(peer: PeerState, revealed: list[tuple[PeerState, int, frozenset[bytes]]]) -> int | None:
+    """Whether ``peer``'s vote is timely, and if so what it is judged against.
 
-
-def is_timely(peer: PeerState, revealed: list[tuple[PeerState, int, frozenset[bytes]]]) -> bool:
-    """Whether the vouchers hold more than half of the power of all the other revealers (by
-    count if those have no power). A vote committed after looking at the others' reveals fails
-    this; so does a vote nobody else revealed on."""
-    others = [p for p, _, _ in revealed if p is not peer]
-    listed = [p for p, _ in vouchers(peer, revealed)]
-    total, saw = sum(power(p) for p in others), sum(power(p) for p in listed)
+    Its **vouchers** are the other revealers ``(peer, label, seen)`` whose ``seen`` holds its
+    key: they held its commit before revealing, so it provably could not have seen their votes
+    when it committed (a reveal cannot list a commit that did not exist yet). The vote is timely
+    if its vouchers hold more than half of the power of all the other revealers (by count if
+    those have no power); a vote committed after looking at the others' reveals fails this, and
+    so does a vote nobody else revealed on. Returns None if not timely, else the consensus of
+    its vouchers' votes (``compute_consensus`` over them)."""
+    by_power = [0] * len(CLASSES)
+    by_count = [0] * len(CLASSES)
+    total = others = saw = listed = 0
+    for other, label, seen in revealed:
+        if other is peer:
+            continue
+        weight = power(other)
+        total += weight
+        others += 1
+        if peer.key in seen:
+            saw += weight
+            listed += 1
+            by_power[label] += weight
+            by_count[label] += 1
     if total == 0:
-        total, saw = len(others), len(listed)
-    return bool(listed) and 2 * saw > total
+        total, saw = others, listed
+    if not listed or 2 * saw <= total:
+        return None
+    return _leading(by_power, by_count)
 
 
 def compute_weight(weight: int, agreed: bool) -> int:
@@ -602,11 +622,12 @@ class Ledger:
             seen = frozenset.intersection(*variants)
             revealed.append((peer, label, proba, seen, (min(variants.values()), commit_id)))
         evidence = [(p, label, seen) for p, label, _, seen, _ in revealed]
-        timely = {p.key: is_timely(p, evidence) for p in [v[0] for v in revealed] + unrevealed}
-        judged = [v for v in revealed if timely[v[0].key]]
-        missing = [p for p in unrevealed if timely[p.key]]
+        # From the powers before the round: None if not timely, else its vouchers' consensus.
+        against = {p.key: assess(p, evidence) for p in [v[0] for v in revealed] + unrevealed}
+        judged = [v for v in revealed if against[v[0].key] is not None]
+        missing = [p for p in unrevealed if against[p.key] is not None]
         late = sorted((p for p in [v[0] for v in revealed] + unrevealed
-                       if not timely[p.key] and any(v[0] is not p for v in revealed)),
+                       if against[p.key] is None and any(v[0] is not p for v in revealed)),
                       key=lambda p: p.key)
         # The answer: the timely votes; if none is (the voters were split apart, or one voted
         # alone), every revealed vote, and then nobody is judged.
@@ -621,8 +642,7 @@ class Ledger:
                            for p, label, proba, _, ids in revealed if any(p is q for q in late))
         # Each judged vote is compared with the consensus of its vouchers, all computed from the
         # powers before the round: with the others whose votes it cannot have copied.
-        verdicts = [(peer, label == compute_consensus(vouchers(peer, evidence)))
-                    for peer, label, _, _, _ in judged]
+        verdicts = [(peer, label == against[peer.key]) for peer, label, _, _, _ in judged]
         state.rounds += 1
         for peer, agreed in verdicts:
             judge(state, peer, agreed)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from p2pml import ledger as L
 from p2pml.ledger import Ledger
 
@@ -475,3 +478,39 @@ def test_a_key_moving_to_another_seat_replays_from_genesis(net):
         roots.add(lg.root())
         assert lg.state.peers[pid(net, 0)].name == "ada"
     assert len(roots) == 1
+
+
+def _assess_by_definition(peer, revealed):
+    """docs/ledger.md's definition, written plainly: the reference for ``L.assess``."""
+    others = [p for p, _, _ in revealed if p is not peer]
+    vouchers = [(p, label) for p, label, seen in revealed if p is not peer and peer.key in seen]
+    total, saw = sum(L.power(p) for p in others), sum(L.power(p) for p, _ in vouchers)
+    if total == 0:
+        total, saw = len(others), len(vouchers)
+    if not vouchers or 2 * saw <= total:
+        return None
+    by_power = {c: sum(L.power(p) for p, lab in vouchers if lab == c) for c in range(len(L.CLASSES))}
+    by_count = {c: sum(1 for _, lab in vouchers if lab == c) for c in range(len(L.CLASSES))}
+    score = by_power if any(by_power.values()) else by_count
+    return max((c for c in by_count if by_count[c]), key=lambda c: (score[c], -c))
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 7, 500]), st.sampled_from([0, 1, 3, 500_000]),
+                          st.integers(0, 2), st.sets(st.integers(0, 5))), min_size=0, max_size=6),
+       st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_assess_matches_its_definition(voters, outsider_committed):
+    """Timeliness and the vouchers' consensus, as computed in the hot loop, equal the plain
+    definition (including powerless revealers, ties, and a peer that committed and did not
+    reveal)."""
+    peers = [L.PeerState(str(i), "m", bytes([i]), stake=s, weight=w) for i, (s, w, _, _) in enumerate(voters)]
+    outsider = L.PeerState("x", "m", bytes([5]))
+    revealed = [(p, label, frozenset(bytes([k]) for k in seen if k != i or outsider_committed))
+                for i, (p, (_, _, label, seen)) in enumerate(zip(peers, voters))]
+    for peer in peers + [outsider]:
+        assert L.assess(peer, revealed) == _assess_by_definition(peer, revealed)
+    for k in range(len(revealed) + 1):
+        voters_k = [(p, label) for p, label, _ in revealed[:k]]
+        if voters_k:
+            by_definition = _assess_by_definition(L.PeerState("y", "m", b"y"), [(p, lab, frozenset([b"y"])) for p, lab in voters_k])
+            assert by_definition is None or L.compute_consensus(voters_k) == by_definition
