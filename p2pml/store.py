@@ -29,7 +29,7 @@ LOCK_FILE = "lock"
 # Unacknowledged intake waits this long for company before its fsync: one fsync per burst
 # instead of one per gossip frame (fsync was the largest CPU cost per process after
 # verification). Nobody waits on it; a crash may lose it; its senders hold it durably.
-BACKGROUND_COMMIT_DELAY_S = 0.025
+BACKGROUND_COMMIT_DELAY_S = 0.2
 
 
 class StoreError(RuntimeError):

@@ -8,7 +8,7 @@ import time
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from p2pml.ledger import CLASSES, PROBA_ONE, Commit, Query, Register, Reveal, Votes
@@ -574,3 +574,48 @@ def test_signed_arbitrary_bodies_raise_only_wire_error(obj, single_float):
 def test_random_keys_and_signatures_raise_only_wire_error(key, body, sig):
     with pytest.raises(WireError):
         Verifier(GID).open(pack([key, body, sig]))
+
+
+_KEYS = [bytes([k]) * 32 for k in (1, 2, 3)]
+_ODD = [None, True, 1.0, -1, 0, 1, 3, 2**64 - 1, b"", bytes(15), bytes(17), bytes(32), "x", [], [0]]
+
+
+@st.composite
+def _vote_fields(draw):
+    """A valid vote message's fields, then (usually) one field swapped for something odd."""
+    keys = sorted(draw(st.sets(st.sampled_from(_KEYS))))
+    rids = [bytes([i]) * ROUND_BYTES for i in range(3)]
+    commits = [[rid, DIGEST] for rid in draw(st.lists(st.sampled_from(rids), unique=True, max_size=2))]
+    reveals = [[rid, draw(st.integers(0, len(CLASSES) - 1)), draw(st.lists(st.integers(0, PROBA_ONE), min_size=3, max_size=3)),
+                SALT, sorted(draw(st.sets(st.integers(0, len(keys) - 1)))) if keys else []]
+               for rid in draw(st.lists(st.sampled_from(rids), unique=True, max_size=2))]
+    fields = [draw(st.sampled_from([1, 7, MAX_LAMPORT])), commits, reveals, keys]
+    slots = [(fields, 0), (fields, 1), (fields, 2), (fields, 3)]
+    for lst in (commits, reveals, keys, *commits, *reveals, *(r[2] for r in reveals), *(r[4] for r in reveals)):
+        slots += [(lst, i) for i in range(len(lst))]
+        slots.append((lst, None))  # append an extra item
+    if draw(st.integers(0, 4)):
+        where, i = draw(st.sampled_from(slots))
+        odd = draw(st.sampled_from(_ODD + [fields[1][:1] and fields[1][0], fields[2][:1] and fields[2][0], _KEYS[0]]))
+        if i is None:
+            where.append(odd)
+        else:
+            where[i] = odd
+    return fields
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_vote_fields())
+@example([1, [], [[RID, 0, [PROBA_ONE, 0, 0], SALT, [0, 0]]], [_KEYS[0]]])  # a repeated index
+@example([1, [], [[RID, 0, [PROBA_ONE, 0, 0], SALT, [1, 0]]], _KEYS[:2]])  # out of order
+@example([1, [[RID, DIGEST], [RID, DIGEST]], [], []])  # two commits on one round
+def test_fast_vote_decoding_equals_the_checked_one(fields):
+    """The one-pass decoder accepts exactly what the field-by-field one accepts, with the same
+    result (the latter then names the problem)."""
+    from p2pml.wire import _decode_votes, _votes_fast
+
+    try:
+        checked = _decode_votes(*fields)
+    except WireError:
+        checked = None
+    assert _votes_fast(*fields) == checked
