@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_iris
+from sklearn.ensemble import RandomForestClassifier
 
+from p2pml import model
 from p2pml.config import MODEL_KINDS
 from p2pml.ledger import PROBA_ONE
-from p2pml.model import Model, forest_proba, held_out
+from p2pml.model import Model, _Guarded, _split, fast_predict_proba, forest_proba, held_out
 
 
 def test_forest_fast_path_equals_predict_proba():
@@ -40,3 +44,121 @@ def test_misbehaving_votes_are_deterministic_per_key_and_round():
     assert {label for label, _ in Model("knn", "constant").vote(x, rounds)} == {0}
     with pytest.raises(ValueError, match="unknown behavior"):
         Model("knn", "sneaky")
+
+
+# Fast paths: Model.predict_proba computes each kind's answer with numpy from the fitted
+# parameters; it must give scikit-learn's answer (to 1e-9, same argmax) on every kind of row.
+
+TOLERANCE = 1e-9
+
+
+@functools.cache
+def _model(kind: str) -> Model:
+    return Model(kind)
+
+
+def _rows_on_thresholds(estimator) -> np.ndarray:
+    """Iris rows with one feature moved exactly onto a split's threshold, onto its float32
+    rounding and onto the float32 values either side (the trees compare in float32)."""
+    trees = (estimator.estimators_ if isinstance(estimator, RandomForestClassifier)
+             else estimator.estimators_.ravel())
+    features, thresholds = [], []
+    for tree in trees:
+        split = tree.tree_.children_left != -1
+        features.append(tree.tree_.feature[split])
+        thresholds.append(tree.tree_.threshold[split])
+    feature, threshold = np.concatenate(features), np.concatenate(thresholds)
+    t32 = threshold.astype(np.float32)
+    values = [threshold, t32, np.nextafter(t32, np.float32(np.inf)), np.nextafter(t32, np.float32(-np.inf))]
+    x = load_iris().data
+    rows = []
+    for v in values:
+        r = x[np.arange(len(threshold)) % len(x)].copy()
+        r[np.arange(len(threshold)), feature] = v.astype(np.float64)
+        rows.append(r)
+    return np.vstack(rows)
+
+
+def _test_rows(kind: str) -> dict[str, np.ndarray]:
+    x = load_iris().data
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(lo - 0.25 * (hi - lo), hi + 0.25 * (hi - lo), size=(3000, 4))
+    rows = {
+        "held out": held_out()[0],
+        "iris (every training point)": x,
+        "random": spread,
+        "random on Iris's 0.1 grid (ties)": np.round(spread, 1),
+        "duplicates": np.repeat(x[::7], 3, axis=0),
+    }
+    if kind in ("random_forest", "gradient_boosting"):
+        rows["on thresholds"] = _rows_on_thresholds(_model(kind).estimator)
+    return {name: np.ascontiguousarray(r, dtype=np.float64) for name, r in rows.items()}
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_fast_path_equals_scikit_learn(kind):
+    m = _model(kind)
+    assert isinstance(m.predict_proba, _Guarded)  # the fast path was chosen
+    for name, rows in _test_rows(kind).items():
+        got, want = m.predict_proba(rows), m.estimator.predict_proba(rows)
+        assert got.shape == want.shape and got.dtype == np.float64, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE, err_msg=name)
+        np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1), err_msg=name)
+    # one row and small batches, as the node calls it (scikit-learn's answer on the same call)
+    rows = _test_rows(kind)["random"][:64]
+    for n in (1, 8, 64):
+        for start in range(0, 64, max(n, 4)):
+            batch = rows[start : start + n]
+            np.testing.assert_allclose(m.predict_proba(batch), m.estimator.predict_proba(batch),
+                                       rtol=0, atol=TOLERANCE)
+
+
+def test_fast_path_is_deterministic_across_models():
+    rows = _test_rows("knn")["random"][:200]
+    for kind in MODEL_KINDS:
+        np.testing.assert_array_equal(Model(kind).predict_proba(rows), _model(kind).predict_proba(rows))
+
+
+def test_knn_ties_that_decide_the_vote_go_to_scikit_learn():
+    """Midpoints between training points put different classes at the same distance: where that
+    tie is at the 7th neighbour, scikit-learn's search order decides, so the fast path asks it."""
+    m = _model("knn")
+    x_train = _split()[0]
+    i, j = np.triu_indices(len(x_train), 1)
+    mid = (x_train[i] + x_train[j]) / 2
+    asked = []
+
+    def slow(rows):
+        asked.append(len(rows))
+        return m.estimator.predict_proba(rows)
+
+    fast = fast_predict_proba(m.estimator, slow)
+    np.testing.assert_array_equal(fast(mid), m.estimator.predict_proba(mid))
+    assert 0 < sum(asked) < len(mid) / 20  # some rows, and only a few
+
+
+def _outcome(fn, rows):
+    try:
+        return "ok", np.asarray(fn(rows)).tolist()
+    except Exception as e:  # noqa: BLE001 - whatever it is, it must be the same one
+        return type(e).__name__, str(e)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_odd_input_is_handled_as_before(kind):
+    m = _model(kind)
+    before = ((lambda rows: forest_proba(m.estimator, rows)) if kind == "random_forest"
+              else m.estimator.predict_proba)
+    x = held_out()[0][:3]
+    odd = [x.tolist(), x.astype(np.float32), np.asfortranarray(x), x[:, :3], x[0], x[:0],
+           np.where(np.eye(3, 4, dtype=bool), np.nan, x[:, :4]), np.full((2, 4), np.inf),
+           np.full((1, 4), 1e39), x.astype(np.int64)]
+    for rows in odd:
+        assert _outcome(m.predict_proba, rows) == _outcome(before, rows)
+
+
+def test_a_fast_path_that_disagrees_is_not_used(monkeypatch):
+    monkeypatch.setattr(model, "fast_predict_proba", lambda estimator, slow: lambda rows: 1 - slow(rows))
+    m = Model("logistic_regression")
+    assert m.predict_proba == m.estimator.predict_proba
