@@ -325,7 +325,8 @@ class Gossip:
                     max_msg_size=MAX_BATCH_BYTES, autoping=True,
                     heartbeat=self._timeout.total)  # a peer that stops answering pings is cut
                 self._background(self._drain(link.ws))
-            await asyncio.wait_for(link.ws.send_bytes(data), self._timeout.total)
+            async with asyncio.timeout(self._timeout.total):  # no task per frame, as wait_for makes
+                await link.ws.send_bytes(data)
         except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
             log.debug("push to %s failed: %r", link.cfg.name, exc)
             self._mark(link, False)

@@ -51,7 +51,7 @@ from p2pml.wire import (
 log = logging.getLogger(__name__)
 
 LEDGER_WRITE_INTERVAL_S = 1.0  # ledger.json is a view: rewritten at most this often
-INLINE_ROWS = 8  # model calls on at most this many rows run on the loop (about 0.2-0.8 ms)
+INLINE_ROWS = 64  # model calls on at most this many rows run on the loop (at most about 0.1 ms)
 MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
 STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
@@ -557,7 +557,8 @@ class Node:
         try:
             if not expected <= self.ledger.revealers(rid):
                 try:
-                    await asyncio.wait_for(event.wait(), self.net.query_timeout_ms / 1000)
+                    async with asyncio.timeout(self.net.query_timeout_ms / 1000):
+                        await event.wait()
                 except TimeoutError:
                     pass
         finally:

@@ -13,7 +13,9 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -30,6 +32,14 @@ LOCK_FILE = "lock"
 # instead of one per gossip frame (fsync was the largest CPU cost per process after
 # verification). Nobody waits on it; a crash may lose it; its senders hold it durably.
 BACKGROUND_COMMIT_DELAY_S = 0.2
+
+
+def _resolve(fut: asyncio.Future, error: Exception | None) -> None:
+    if not fut.done():
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
 
 
 class StoreError(RuntimeError):
@@ -73,6 +83,8 @@ class DataDir:
         self._pending: list[bytes] = []
         self._commit: asyncio.Future | None = None
         self._soon: set[asyncio.Task] = set()
+        self._jobs: queue.SimpleQueue | None = None  # to the writer thread, started on first use
+        self._writer_thread: threading.Thread | None = None
         self.damaged_tail = 0  # bytes cut off the log's end at the last read_log
 
     # -- key ------------------------------------------------------------------------------------
@@ -168,13 +180,40 @@ class DataDir:
         if not self._pending:
             return
         records, self._pending = self._pending, []
-        self._commit = asyncio.ensure_future(asyncio.to_thread(self._write, records))
+        self._commit = self._in_writer(records)
         self._commit.add_done_callback(self._committed)
         try:
             await asyncio.shield(self._commit)
         except OSError:
             self._pending[:0] = records  # not written: they go with the next commit
             raise
+
+    def _in_writer(self, records: list[bytes]) -> asyncio.Future:
+        """``_write(records)`` in this log's own thread (fsync blocks; the loop must not). One
+        long-lived thread fed by a queue costs about a third less per write than a thread-pool
+        hand-off (``asyncio.to_thread``), and every commit pays it."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            self._writer_thread = threading.Thread(target=self._writer, args=(self._jobs,),
+                                                   name=f"log {self.path.name}", daemon=True)
+            self._writer_thread.start()
+        self._jobs.put((records, loop, done))
+        return done
+
+    def _writer(self, jobs: queue.SimpleQueue) -> None:
+        while (job := jobs.get()) is not None:
+            records, loop, done = job
+            try:
+                self._write(records)
+                outcome = None
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting commit
+                outcome = exc
+            try:
+                loop.call_soon_threadsafe(_resolve, done, outcome)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def commit_soon(self) -> None:
         """Make what is pending durable without anyone waiting: for intake that acknowledges
@@ -211,6 +250,10 @@ class DataDir:
         write_atomic(self.path / LEDGER_FILE, data)
 
     def close(self) -> None:
+        if self._jobs is not None:
+            self._jobs.put(None)  # the writer ends once the writes queued before it are done
+            self._writer_thread.join(30)
+            self._jobs = self._writer_thread = None
         if self._log is not None:
             self._log.close()
             self._log = None
