@@ -252,6 +252,24 @@ def commitment(author: bytes, rid: bytes, label: int, proba: tuple[int, ...], sa
     return hashlib.sha256(b"".join(parts)).digest()
 
 
+def _get(pairs: tuple, key, default=None):
+    """The value for ``key`` in ``pairs`` ((key, value), ...), or ``default``."""
+    for k, value in pairs:
+        if k == key:
+            return value
+    return default
+
+
+def _with(pairs: tuple, key, value) -> tuple:
+    """``pairs`` with ``key`` set to ``value``. Tuples of pairs rather than dicts for what the
+    ledger keeps per round and author: nearly always one entry, and a node keeps every round it
+    saw (a one-entry dict costs 224 bytes, this 104)."""
+    for i, (k, _) in enumerate(pairs):
+        if k == key:
+            return (*pairs[:i], (key, value), *pairs[i + 1:])
+    return (*pairs, (key, value))
+
+
 def compute_root(state: State) -> str:
     return hashlib.sha256(_canonical_json(state.canonical())).hexdigest()
 
@@ -383,14 +401,16 @@ class Ledger:
     def __init__(self, genesis: Genesis):
         self.genesis = genesis
         self._slots = {s.name: s for s in genesis.slots}
-        self.messages: dict[bytes, Message] = {}
+        # id -> author of every message held: the contents live on in the per-round tables below
+        # (a node keeps every round it ever saw, so nothing is stored twice)
+        self.held: dict[bytes, bytes] = {}
         self._registrations: dict[str, list[Message]] = {}
         self._queries: dict[bytes, tuple[int, bytes]] = {}  # round -> (lamport, round)
         self._order: list[tuple[int, bytes]] = []
-        # round -> author -> {digest: lowest message id}; two digests mean equivocation
-        self._commits: dict[bytes, dict[bytes, dict[bytes, bytes]]] = {}
-        # round -> author -> {(label, proba, salt): {seen: lowest message id}}
-        self._reveals: dict[bytes, dict[bytes, dict[tuple, dict[frozenset, bytes]]]] = {}
+        # round -> author -> ((digest, lowest message id), ...); two digests mean equivocation
+        self._commits: dict[bytes, dict[bytes, tuple]] = {}
+        # round -> author -> (((label, proba, salt), ((seen, lowest message id), ...)), ...)
+        self._reveals: dict[bytes, dict[bytes, tuple]] = {}
         self.lamport = 0
         self._checkpoints: list[State] = []  # state before round CHECKPOINT_EVERY * i
         self._dirty: int | None = 0  # first position in _order not reflected in _state
@@ -406,7 +426,7 @@ class Ledger:
 
     def add(self, msg: Message) -> str | None:
         """Hold a message. Returns None if held (or already held), else why it is rejected."""
-        if msg.id in self.messages:
+        if msg.id in self.held:
             return None
         body = msg.body
         if not isinstance(body, Register) and msg.author not in self._registered:
@@ -441,23 +461,28 @@ class Ledger:
             for items in (body.commits, body.reveals):
                 if len({item.round for item in items}) != len(items):
                     return "a vote message holds at most one commit and one reveal per round"
+            # The lowest id, not the first arrival: evidence must not depend on timing.
             for c in body.commits:
-                digests = self._commits.setdefault(c.round, {}).setdefault(msg.author, {})
-                # The lowest id, not the first arrival: evidence must not depend on timing.
-                if c.digest not in digests or msg.id < digests[c.digest]:
-                    digests[c.digest] = msg.id
+                authors = self._commits.setdefault(c.round, {})
+                digests = authors.get(msg.author, ())
+                known = _get(digests, c.digest)
+                if known is None or msg.id < known:
+                    authors[msg.author] = _with(digests, c.digest, msg.id)
                 self._touch(c.round)
             for r in body.reveals:
-                contents = self._reveals.setdefault(r.round, {}).setdefault(msg.author, {})
-                variants = contents.setdefault((r.label, r.proba, r.salt), {})
-                if r.seen not in variants or msg.id < variants[r.seen]:
-                    variants[r.seen] = msg.id
+                authors = self._reveals.setdefault(r.round, {})
+                contents = authors.get(msg.author, ())
+                content = (r.label, r.proba, r.salt)
+                variants = _get(contents, content, ())
+                known = _get(variants, r.seen)
+                if known is None or msg.id < known:
+                    authors[msg.author] = _with(contents, content, _with(variants, r.seen, msg.id))
                 self._touch(r.round)
         else:  # pragma: no cover - wire builds only the types above
             return f"unknown message type {type(body).__name__}"
         if isinstance(body, Query):  # only queries are ordered by lamport
             self.lamport = max(self.lamport, body.lamport)
-        self.messages[msg.id] = msg
+        self.held[msg.id] = msg.author
         return None
 
     def _check_register(self, author: bytes, body: Register) -> str | None:
@@ -522,19 +547,19 @@ class Ledger:
     def listed(self, rid: bytes) -> set[bytes]:
         """Keys that any reveal held on this round lists as committed."""
         return {key for contents in self._reveals.get(rid, {}).values()
-                for variants in contents.values() for seen in variants for key in seen}
+                for _, variants in contents for seen, _ in variants for key in seen}
 
     def listings(self, rid: bytes) -> dict[bytes, set[bytes]]:
         """For each author with a reveal on this round, every key its reveals list."""
-        return {author: {key for variants in contents.values() for seen in variants for key in seen}
+        return {author: {key for _, variants in contents for seen, _ in variants for key in seen}
                 for author, contents in self._reveals.get(rid, {}).items()}
 
     def revealed_labels(self, rid: bytes) -> list[int]:
-        """The label of every reveal held on this round, one per author (in author order)."""
-        return [next(iter(contents))[0] for _, contents in sorted(self._reveals.get(rid, {}).items())]
+        """The label of a reveal of every author on this round (in author order)."""
+        return [contents[0][0][0] for _, contents in sorted(self._reveals.get(rid, {}).items())]
 
     def commits_of(self, key: bytes, rid: bytes) -> set[bytes]:
-        return set(self._commits.get(rid, {}).get(key, ()))
+        return {digest for digest, _ in self._commits.get(rid, {}).get(key, ())}
 
     # -- the transition -----------------------------------------------------------------------
 
@@ -549,6 +574,10 @@ class Ledger:
                     seats[msg.author] = msg
                     break
         return seats
+
+    def is_registered(self, key: bytes) -> bool:
+        """Whether a valid registration by ``key`` is held (whether or not it won a seat)."""
+        return key in self._registered
 
     def is_member(self, key: bytes) -> bool:
         return key in self._seats
@@ -600,13 +629,13 @@ class Ledger:
                 continue  # not a member (yet), or a reveal waiting for its commit
             peer = state.peers[pid]
             if len(digests) > 1:
-                first, second = sorted(digests.values())[:2]
+                first, second = sorted(mid for _, mid in digests)[:2]
                 slash_equivocation(state, peer, (rid.hex(), first.hex(), second.hex()))
                 continue
-            ((digest, commit_id),) = digests.items()
-            contents = reveals.get(author, {})
-            wrong = [mid for content, variants in contents.items()
-                     if commitment(author, rid, *content) != digest for mid in variants.values()]
+            ((digest, commit_id),) = digests
+            contents = reveals.get(author, ())
+            wrong = [mid for content, variants in contents
+                     if commitment(author, rid, *content) != digest for _, mid in variants]
             if wrong:
                 slash_equivocation(state, peer, (rid.hex(), commit_id.hex(), min(wrong).hex()),
                                    "reveal does not match its commit")
@@ -616,11 +645,12 @@ class Ledger:
             if not contents:
                 unrevealed.append(peer)
                 continue
-            ((label, proba, _), variants) = next(iter(contents.items()))
-            # Several reveals of one vote (a restart re-reveals): each lists only commits held
-            # before it was signed, so their intersection is what the earliest one saw.
-            seen = frozenset.intersection(*variants)
-            revealed.append((peer, label, proba, seen, (min(variants.values()), commit_id)))
+            # One content (all match one digest); several reveals of it (a restart re-reveals):
+            # each lists only commits held before it was signed, so their intersection is what
+            # the earliest one saw.
+            ((label, proba, _), variants) = contents[0]
+            seen = frozenset.intersection(*(listed for listed, _ in variants))
+            revealed.append((peer, label, proba, seen, (min(mid for _, mid in variants), commit_id)))
         evidence = [(p, label, seen) for p, label, _, seen, _ in revealed]
         # From the powers before the round: None if not timely, else its vouchers' consensus.
         against = {p.key: assess(p, evidence) for p in [v[0] for v in revealed] + unrevealed}

@@ -26,7 +26,6 @@ from p2pml.ledger import (
     PROBA_ONE,
     Commit,
     Ledger,
-    Message,
     Query,
     Register,
     Reveal,
@@ -46,6 +45,7 @@ from p2pml.wire import (
     Verifier,
     WireError,
     check_link_proof,
+    decode_body,
 )
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,7 @@ class Node:
                 del self._to_vote[issuer]
         log.info("loaded %d messages from %s; ledger root %s", len(records), self.data.path,
                  self.ledger.root()[:16])
-        if not any(isinstance(m.body, Register) and m.author == self.identity.key
-                   for m in self.ledger.messages.values()):
+        if not self.ledger.is_registered(self.identity.key):
             self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
             self.data.commit_now()
 
@@ -172,7 +171,7 @@ class Node:
             asyncio.create_task(self._ledger_writer(), name="ledger-writer"),
         ]
         own = [raw for mid, raw in self.holdings.raw.items()
-               if self.ledger.messages[mid].author == self.identity.key]
+               if self.ledger.held[mid] == self.identity.key]
         self.gossip.broadcast(own)  # announce ourselves (and anything we signed while away)
 
     async def close(self) -> None:
@@ -622,9 +621,8 @@ class Node:
         if raw is None:
             return None
         key, body, sig = msgpack.unpackb(raw)
-        msg: Message = self.ledger.messages[mid]
         return {"id": mid.hex(), "author": peer_id(key), "key": key.hex(), "body": body.hex(),
-                "signature": sig.hex(), "type": type(msg.body).__name__.lower(),
+                "signature": sig.hex(), "type": type(decode_body(body)).__name__.lower(),
                 "envelope": raw.hex()}
 
     # -- the ledger view ------------------------------------------------------------------------

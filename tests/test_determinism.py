@@ -105,7 +105,7 @@ def test_any_order_duplicates_and_reads_give_the_same_root(msgs, data):
     reads = data.draw(st.sets(st.integers(0, len(msgs) + len(dups)), max_size=8))
     lg = L.Ledger(NET.genesis)
     assert deliver(lg, order + dups, reads) == []
-    assert len(lg.messages) == len({m.id for m in msgs})
+    assert len(lg.held) == len({m.id for m in msgs})
     assert lg.root() == expected
     assert sum(p.stake for p in lg.state.peers.values()) + lg.state.burned == 5 * L.DEPOSIT
 
