@@ -619,3 +619,14 @@ def test_fast_vote_decoding_equals_the_checked_one(fields):
     except WireError:
         checked = None
     assert _votes_fast(*fields) == checked
+
+
+def test_signatures_are_standard_ed25519():
+    """Signed with libsodium: the very bytes ``cryptography``'s Ed25519 gives (and verifies)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signed = ALICE.sign(GID, Query(3, (ROW,)))
+    key, body, sig = msgpack.unpackb(signed.raw)
+    reference = Ed25519PrivateKey.from_private_bytes(ALICE.seed())
+    assert sig == reference.sign(DOMAIN + GID + key + body)
+    reference.public_key().verify(sig, DOMAIN + GID + key + body)
