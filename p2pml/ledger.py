@@ -416,6 +416,7 @@ class Ledger:
         self._dirty: int | None = 0  # first position in _order not reflected in _state
         self._state = State()
         self._root: str | None = None
+        self._last_root: str | None = None
         self._seats: dict[bytes, Message] = {}  # key -> its winning registration
         self._registered: set[bytes] = set()  # keys with a valid registration (seat or not)
         self._round_author: dict[bytes, bytes] = {}  # round -> the key that asked
@@ -514,18 +515,28 @@ class Ledger:
 
     @property
     def last_state(self) -> State:
-        """The state as of the last read, without folding in what arrived since (cheap; for
-        decisions that need not be exact, like which votes are worth waiting for)."""
+        """The state as of the last read (possibly of the rounds up to one only), without
+        folding in what arrived since (cheap; for decisions that need not be exact, like which
+        votes are worth waiting for, or the names of peers)."""
         return self._state
 
     def root(self) -> str:
         state = self.state
         if self._root is None:
-            self._root = compute_root(state)
+            self._root = self._last_root = compute_root(state)
         return self._root
 
+    def last_root(self) -> str:
+        """The root as of the last time all of the ledger was read (``root()``), without reading
+        it again; at first, the current root."""
+        return self._last_root or self.root()
+
     def outcome(self, rid: bytes) -> Outcome | None:
-        self._settle()
+        """How round ``rid`` is decided, given what is held now (None if its query is not)."""
+        key = self._queries.get(rid)
+        if key is None:
+            return None
+        self._settle(bisect.bisect_left(self._order, key))
         found = self._outcomes.get(rid)
         if found is None and rid in self._queries and rid not in self._commits:
             return Outcome(rid, None, ())  # nobody voted: not settled
@@ -589,8 +600,13 @@ class Ledger:
         self._members = {p.key: pid for pid, p in state.peers.items()}
         return state
 
-    def _settle(self) -> None:
-        if self._dirty is None:
+    def _settle(self, through: int | None = None) -> None:
+        """Fold in what arrived since the last read, up to and including position ``through``
+        (all of it by default). A client's answer needs its own round only; the rounds after it
+        are mostly still collecting votes, and folding them in at every answer tripled the
+        ledger's work under load."""
+        end = len(self._order) if through is None else through + 1
+        if self._dirty is None or (through is not None and self._dirty >= end):
             return
         cp = min(self._dirty // CHECKPOINT_EVERY, len(self._checkpoints) - 1)
         if cp < 0:
@@ -599,7 +615,7 @@ class Ledger:
         del self._checkpoints[cp + 1 :]
         state = self._checkpoints[cp].copy()
         changed = False  # since the last checkpoint: if not, the next one is the same state
-        for pos in range(cp * CHECKPOINT_EVERY, len(self._order)):
+        for pos in range(cp * CHECKPOINT_EVERY, end):
             if pos and pos % CHECKPOINT_EVERY == 0 and pos // CHECKPOINT_EVERY == len(self._checkpoints):
                 self._checkpoints.append(state.copy() if changed else self._checkpoints[-1])
                 changed = False
@@ -609,7 +625,7 @@ class Ledger:
                 changed = True
         self._state = state
         self._root = None
-        self._dirty = None
+        self._dirty = end if end < len(self._order) else None
         if len(self._outcomes) > 2 * OUTCOMES_KEPT:
             keep = {rid for _, rid in self._order[-OUTCOMES_KEPT:]}
             self._outcomes = {r: o for r, o in self._outcomes.items() if r in keep}

@@ -576,8 +576,8 @@ class Node:
 
     def answer(self, rid: bytes, query_id: bytes | None,
                expected: frozenset[bytes] = frozenset()) -> dict:
-        outcome = self.ledger.outcome(rid)
-        state = self.ledger.state
+        outcome = self.ledger.outcome(rid)  # settles the rounds up to this one only
+        state = self.ledger.last_state  # for names: a seat keeps its name
         power_sum, proba_sum = 0, [0] * len(CLASSES)
         for cv in outcome.votes if outcome else ():
             power = cv.stake * cv.weight
@@ -598,7 +598,7 @@ class Node:
             "late_votes": [self._vote_view(state, cv) for cv in outcome.late_votes] if outcome else [],
             "unrevealed": [state.peers[pid].name for pid in outcome.unrevealed] if outcome else [],
             "votes": votes,
-            "ledger_root": self.ledger.root(),
+            "ledger_root": self.ledger.last_root(),
             "answered_by": self.id,
         }
 
