@@ -365,14 +365,15 @@ class Verifier:
         if len(body) > MAX_BODY_BYTES:
             raise WireError(f"body over {MAX_BODY_BYTES} bytes")
         signed = _signing_bytes(self.genesis_id, key, body)
-        if is_known is not None and is_known(hashlib.sha256(signed).digest()):
+        mid = hashlib.sha256(signed).digest()
+        if is_known is not None and is_known(mid):
             return None
         self._public(key)
         try:
             nacl.bindings.crypto_sign_open(sig + signed, key)
         except nacl.exceptions.BadSignatureError:
             raise WireError("bad signature") from None
-        msg = Message(hashlib.sha256(signed).digest(), _intern(key), decode_body(body))
+        msg = Message(mid, _intern(key), decode_body(body))
         return Signed(msg, raw if raw is not None else pack(env))
 
 
