@@ -5,8 +5,9 @@
 Starts the 5-peer network (free ports, a temporary data dir) and scripts/baseline.py, then for
 each: sequential latency p50/p99, throughput and p99 with N concurrent clients for a fixed time,
 CPU seconds per query (all server processes), resident memory per process; for p2pml also how
-long after the load stops all ledger roots agree. Prints a table and the p2pml/baseline ratios.
-Every loop is bounded in count and time.
+long after the load stops all ledger roots agree. The two take turns in slices (6 sequential, 2
+under load), so that the shared machine's drifting speed falls on both alike. Prints a table and
+the p2pml/baseline ratios. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from sklearn.datasets import load_iris
 from p2pml.cluster import LocalCluster, free_ports, get_json, write_network
 
 TICK = os.sysconf("SC_CLK_TCK")
+SLICES = 6  # sequential slices per target, alternating
+LOAD_SLICES = 2  # slices of the load phase per target, alternating
 
 
 def cpu_seconds(pid: int) -> float:
@@ -53,6 +56,11 @@ class Target:
     def __init__(self, name: str, urls: list[str], pids: list[int]):
         self.name, self.urls, self.pids = name, urls, pids
         self.results: dict[str, float] = {}
+        self.seq_times: list[float] = []  # every sequential latency, over all slices
+        self.seq_p50s: list[float] = []  # each slice's p50
+        self.load_times: list[float] = []  # every latency under load, over all slices
+        self.load_seconds = self.load_cpu = 0.0
+        self.errors = 0
 
 
 async def sequential(session, target: Target, rows: list[str], n: int) -> None:
@@ -65,8 +73,8 @@ async def sequential(session, target: Target, rows: list[str], n: int) -> None:
             if r.status != 200:
                 raise RuntimeError(f"{target.name}: {r.status} {await r.text()}")
         times.append(time.perf_counter() - t0)
-    target.results["seq_p50_ms"] = pct(times, 0.5) * 1e3
-    target.results["seq_p99_ms"] = pct(times, 0.99) * 1e3
+    target.seq_times += times
+    target.seq_p50s.append(pct(times, 0.5))
 
 
 async def concurrent(session, target: Target, rows: list[str], clients: int, seconds: float) -> None:
@@ -89,11 +97,19 @@ async def concurrent(session, target: Target, rows: list[str], clients: int, sec
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))
-    elapsed = time.perf_counter() - t0
-    cpu = sum(cpu_seconds(p) for p in target.pids) - cpu0
-    target.results.update(qps=len(times) / elapsed, conc_p99_ms=pct(times, 0.99) * 1e3,
-                          cpu_ms_per_query=cpu / max(1, len(times)) * 1e3, errors=errors,
-                          rss_mb=max(rss_mb(p) for p in target.pids))
+    target.load_seconds += time.perf_counter() - t0
+    target.load_cpu += sum(cpu_seconds(p) for p in target.pids) - cpu0
+    target.load_times += times
+    target.errors += errors
+    target.results["rss_mb"] = max(rss_mb(p) for p in target.pids)
+
+
+def summarize(target: Target) -> None:
+    n = len(target.load_times)
+    target.results.update(
+        seq_p50_ms=pct(target.seq_times, 0.5) * 1e3, seq_p99_ms=pct(target.seq_times, 0.99) * 1e3,
+        qps=n / target.load_seconds, conc_p99_ms=pct(target.load_times, 0.99) * 1e3,
+        cpu_ms_per_query=target.load_cpu / max(1, n) * 1e3, errors=target.errors)
 
 
 def wait_roots(cluster: LocalCluster, timeout: float) -> float:
@@ -117,16 +133,22 @@ async def run(args, cluster: LocalCluster, baseline_url: str, baseline_pid: int)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for target in (base, p2p):  # warm up both
             await sequential(session, target, rows, 20)
-        # Interleave the two so that machine noise hits both alike.
-        for target in (base, p2p, base, p2p):
-            await sequential(session, target, rows, args.sequential // 2)
-            target.results.setdefault("_seq", []).append(target.results["seq_p50_ms"])
+            target.seq_times.clear()
+            target.seq_p50s.clear()
+        # Alternate the two in slices, so that the machine's noise (it is shared, and its speed
+        # drifts by tens of percent within a minute) falls on both alike.
+        for k in range(SLICES):
+            for target in (base, p2p):
+                n = args.sequential // SLICES + (k < args.sequential % SLICES)
+                await sequential(session, target, rows, max(1, n))
+        for k in range(LOAD_SLICES):
+            for target in (base, p2p):
+                await concurrent(session, target, rows, args.clients, args.seconds / LOAD_SLICES)
+        p2p.results["roots_agree_s"] = wait_roots(cluster, 30)
         for target in (base, p2p):
-            target.results["seq_p50_ms"] = sum(target.results.pop("_seq")) / 2
-        for target in (base, p2p):
-            await concurrent(session, target, rows, args.clients, args.seconds)
-            if target is p2p:
-                p2p.results["roots_agree_s"] = wait_roots(cluster, 30)
+            summarize(target)
+        ratios = sorted(p / b for p, b in zip(p2p.seq_p50s, base.seq_p50s))
+        p2p.results["seq_ratio_median"] = ratios[len(ratios) // 2]
     report(base, p2p, args)
 
 
@@ -146,6 +168,8 @@ def report(base: Target, p2p: Target, args) -> None:
         ratio = f"{p / b:.2f}" if b else "-"
         print(f"{label:42} {fmt.format(b):>10} {fmt.format(p):>10} {ratio:>15}")
     print(f"{'ledger roots agree after load stops (s)':42} {'-':>10} {p2p.results['roots_agree_s']:>10.3f}")
+    print(f"sequential p50 ratio, slice by slice ({SLICES} side by side): median "
+          f"{p2p.results['seq_ratio_median']:.2f}")
 
 
 def main() -> int:
