@@ -46,6 +46,7 @@ BPS = 10_000  # basis points in one whole
 
 PROBA_ONE = 1_000_000  # class probabilities travel as integers in millionths
 COMMIT_DOMAIN = b"p2pml/commit\x00"  # a commitment hash means nothing elsewhere
+QUERY_VOTE_DOMAIN = b"p2pml/query-vote\x00"  # what an issuer's commit in its query binds
 
 STATUS_ACTIVE = "active"
 STATUS_EJECTED = "ejected"
@@ -72,10 +73,14 @@ class Register:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """Opens one round per item; a batch shares one signature."""
+    """Opens one round per item; a batch shares one signature. ``commits`` (empty, or one per
+    item): the issuer's own vote on each of its rounds, committed before anyone saw the rows;
+    the commitment binds ``query_binding(author, lamport, index)``, since the round id (the hash
+    of this very message) cannot be inside it."""
 
     lamport: int
     items: tuple[tuple[float, ...], ...]
+    commits: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +246,13 @@ def peer_id(key: bytes) -> str:
 def round_id(query_id: bytes, index: int) -> bytes:
     """Round ids derive from the query message, so nobody can choose another peer's round."""
     return hashlib.sha256(query_id + index.to_bytes(4, "big")).digest()[:16]
+
+
+def query_binding(author: bytes, lamport: int, index: int) -> bytes:
+    """What the issuer's commit carried in its query binds instead of the round id (16 bytes,
+    like a round id): the author, the query's lamport and the item's index."""
+    return hashlib.sha256(QUERY_VOTE_DOMAIN + author + lamport.to_bytes(8, "big")
+                          + index.to_bytes(4, "big")).digest()[:16]
 
 
 def commitment(author: bytes, rid: bytes, label: int, proba: tuple[int, ...], salt: bytes) -> bytes:
@@ -420,6 +432,7 @@ class Ledger:
         self._seats: dict[bytes, Message] = {}  # key -> its winning registration
         self._registered: set[bytes] = set()  # keys with a valid registration (seat or not)
         self._round_author: dict[bytes, bytes] = {}  # round -> the key that asked
+        self._bound: dict[bytes, bytes] = {}  # round -> what its issuer's commit in the query binds
         self._members: dict[bytes, str] = {}  # key -> peer id, for the members of genesis_state
         self._outcomes: dict[bytes, Outcome] = {}
 
@@ -447,11 +460,17 @@ class Ledger:
                 self._mark_dirty(0)
             self._seats = seats
         elif isinstance(body, Query):
+            if body.commits and len(body.commits) != len(body.items):
+                return "a query carries one commit per item, or none"
             for i in range(len(body.items)):
                 rid = round_id(msg.id, i)
                 key = (body.lamport, rid)
                 self._queries[rid] = key
                 self._round_author[rid] = msg.author
+                if body.commits:  # the issuer's own vote, committed with the question
+                    authors = self._commits.setdefault(rid, {})
+                    authors[msg.author] = _with(authors.get(msg.author, ()), body.commits[i], msg.id)
+                    self._bound[rid] = query_binding(msg.author, body.lamport, i)
                 pos = bisect.bisect_left(self._order, key)
                 self._order.insert(pos, key)
                 self._mark_dirty(pos)
@@ -569,6 +588,13 @@ class Ledger:
         """The label of a reveal of every author on this round (in author order)."""
         return [contents[0][0][0] for _, contents in sorted(self._reveals.get(rid, {}).items())]
 
+    def commit_round(self, key: bytes, rid: bytes) -> bytes:
+        """What ``key``'s commitment on round ``rid`` binds: ``query_binding`` for the issuer
+        whose query carried its commit, the round id otherwise."""
+        if key == self._round_author.get(rid) and rid in self._bound:
+            return self._bound[rid]
+        return rid
+
     def commits_of(self, key: bytes, rid: bytes) -> set[bytes]:
         return {digest for digest, _ in self._commits.get(rid, {}).get(key, ())}
 
@@ -650,8 +676,9 @@ class Ledger:
                 continue
             ((digest, commit_id),) = digests
             contents = reveals.get(author, ())
+            bound = self.commit_round(author, rid)
             wrong = [mid for content, variants in contents
-                     if commitment(author, rid, *content) != digest for _, mid in variants]
+                     if commitment(author, bound, *content) != digest for _, mid in variants]
             if wrong:
                 slash_equivocation(state, peer, (rid.hex(), commit_id.hex(), min(wrong).hex()),
                                    "reveal does not match its commit")

@@ -33,6 +33,7 @@ from p2pml.ledger import (
     commitment,
     is_active,
     peer_id,
+    query_binding,
     round_id,
 )
 from p2pml.model import Model, one_hot
@@ -205,6 +206,8 @@ class Node:
             rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
             if self.model.behavior == "copycat":
                 self._to_copy.update((rid, issuer) for rid, _, issuer in rounds)
+            elif msg.author == self.identity.key and body.commits and not self._loading:
+                pass  # our vote is in the query already (_query_loop)
             elif self.ledger.is_member(msg.author) and self._within_budget(msg.author, len(rounds)):
                 self._to_vote.setdefault(msg.author, collections.deque()).extend(rounds)
                 self._vote_wake.set()
@@ -388,9 +391,20 @@ class Node:
                 if not batch:  # their clients gave up (503 or gone): no round for them
                     continue
                 try:
-                    signed = self.identity.sign(
-                        self.genesis_id, Query(self._next_lamport(), tuple(row for row, _ in batch)))
+                    lamport, rows = self._next_lamport(), tuple(row for row, _ in batch)
+                    votes = self._own_votes(lamport, rows)
+                    signed = self.identity.sign(self.genesis_id, Query(
+                        lamport, rows, tuple(digest for _, _, digest in votes)))
+                    expected = self.expected_voters()
+                    rids = [round_id(signed.msg.id, i) for i in range(len(rows))]
+                    for rid, (label, proba, _) in zip(rids, votes):
+                        self._own[rid] = (label, proba, self.identity.key, expected)
+                    # Not durable first, as a commit in a vote message is: no later message of
+                    # ours can commit on these rounds, which exist only through this query.
                     await self._publish(signed, durable="before return")
+                    if votes:
+                        asyncio.get_running_loop().call_later(
+                            self.net.query_timeout_ms / 1000 * REVEAL_AFTER, self._reveal_now, rids)
                 except Exception as exc:
                     log.exception("could not open %d rounds", len(batch))
                     for _, fut in batch:
@@ -400,6 +414,19 @@ class Node:
                 for i, (_, fut) in enumerate(batch):
                     if not fut.done():
                         fut.set_result((round_id(signed.msg.id, i), signed.msg.id))
+
+    def _own_votes(self, lamport: int, rows: tuple) -> list[tuple[int, tuple[int, ...], bytes]]:
+        """This node's vote on each row of a query it is about to sign, as (label, proba,
+        commitment): the query carries them, committed before any peer has seen the rows (one
+        message, one signature, one hop fewer per query than a separate commit). None for a
+        copycat (it has no vote of its own to give)."""
+        if self.model.behavior == "copycat" or self.key_conflict:
+            return []
+        me = self.identity.key
+        binds = [query_binding(me, lamport, i) for i in range(len(rows))]
+        votes = self.model.vote(np.array(rows, dtype=np.float64), binds)
+        return [(label, proba, commitment(me, b, label, proba, self.identity.salt(b)))
+                for b, (label, proba) in zip(binds, votes)]
 
     async def _vote_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -430,17 +457,19 @@ class Node:
         redo = [item for item in batch if self.ledger.commits_of(me, item[0])
                 and me not in self.ledger.revealers(item[0]) and item[0] not in self._own]
         todo = fresh + redo
-        results = []
+        results, rounds = [], []
         if todo:
-            rounds = [rid for rid, _, _ in todo]
+            # what each commitment binds: the round id, or for our own query's rounds what its
+            # commits bound (the model's "round" too: a behaviour's draw must come out the same)
+            rounds = [self.ledger.commit_round(me, rid) for rid, _, _ in todo]
             rows = np.array([row for _, row, _ in todo], dtype=np.float64)
             if len(rows) <= INLINE_ROWS:  # a thread hop costs more than a small model call
                 results = self.model.vote(rows, rounds)
             else:
                 results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
         commits, expected = [], self.expected_voters()
-        for (rid, _, issuer), (label, proba) in zip(todo, results):
-            digest = commitment(me, rid, label, proba, self.identity.salt(rid))
+        for (rid, _, issuer), bound, (label, proba) in zip(todo, rounds, results):
+            digest = commitment(me, bound, label, proba, self.identity.salt(bound))
             held = self.ledger.commits_of(me, rid)
             if held and digest not in held:
                 log.warning("round %s: the model no longer gives the vote committed to; not revealed",
@@ -499,7 +528,7 @@ class Node:
             self._frozen.pop(rid, None)
             for key in members:  # who keeps us waiting: not waited for after a few times
                 self._late_streak[key] = 0 if key in seen else self._late_streak.get(key, 0) + 1
-            reveals.append(Reveal(rid, label, proba, self.identity.salt(rid), seen))
+            reveals.append(Reveal(rid, label, proba, self.identity.salt(self.ledger.commit_round(self.identity.key, rid)), seen))
         return reveals
 
     def _copy(self, rid: bytes) -> list[Commit]:

@@ -101,7 +101,10 @@ def encode_body(body: Register | Query | Votes) -> bytes:
     if isinstance(body, Register):
         return pack(["register", body.name, body.model, body.deposit])
     if isinstance(body, Query):
-        return pack(["query", body.lamport, [list(item) for item in body.items]])
+        fields = ["query", body.lamport, [list(item) for item in body.items]]
+        if body.commits:  # absent rather than empty: one encoding per content
+            fields.append(list(body.commits))
+        return pack(fields)
     if isinstance(body, Votes):
         # A reveal's ``seen`` keys are indices into one sorted key table per message: five
         # 32-byte keys per reveal would otherwise be most of the message.
@@ -163,10 +166,14 @@ def decode_body(data: bytes) -> Register | Query | Votes:
     if kind == "register" and len(fields) == 4:
         body = Register(_str(fields[1], "name"), _str(fields[2], "model"),
                         _int(fields[3], "deposit", 0, 2**63))
-    elif kind == "query" and len(fields) == 3:
+    elif kind == "query" and len(fields) in (3, 4):
         items = _list(fields[2], "query items", 1, MAX_ITEMS)
+        commits = ()
+        if len(fields) == 4:
+            commits = tuple(_bytes(c, "a query's commit", DIGEST_BYTES)
+                            for c in _list(fields[3], "query commits", len(items), len(items)))
         body = Query(_int(fields[1], "lamport", 1, MAX_LAMPORT),
-                     tuple(check_features(row) for row in items))
+                     tuple(check_features(row) for row in items), commits)
     elif kind == "votes" and len(fields) == 5:
         body = _votes_fast(*fields[1:]) or _decode_votes(*fields[1:])
     else:

@@ -18,6 +18,7 @@ from p2pml.ledger import (
     Slot,
     Votes,
     commitment,
+    query_binding,
     round_id,
 )
 from p2pml.wire import Identity
@@ -37,6 +38,7 @@ class Net:
         self.ids = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(n)]
         self.genesis = Genesis(tuple(Slot(NAMES[i], MODEL_KINDS[i]) for i in range(n)))
         self.gid = self.genesis.id()
+        self.bound: dict[tuple[int, bytes], bytes] = {}  # (issuer, round) -> its commit's binding
 
     def sign(self, i: int, body):
         return self.ids[i].sign(self.gid, body).msg
@@ -47,9 +49,18 @@ class Net:
     def registrations(self):
         return [self.register(i) for i in range(len(self.ids))]
 
-    def query(self, i: int, lamport: int, n_items: int = 1):
-        msg = self.sign(i, Query(lamport, tuple((ROW[0] + k / 100, *ROW[1:]) for k in range(n_items))))
-        return msg, [round_id(msg.id, k) for k in range(n_items)]
+    def query(self, i: int, lamport: int, n_items: int = 1, labels: list[int] | None = None):
+        """A query by peer ``i``; with ``labels``, carrying its own committed vote on each item."""
+        rows = tuple((ROW[0] + k / 100, *ROW[1:]) for k in range(n_items))
+        commits = ()
+        if labels is not None:
+            key, binds = self.ids[i].key, [query_binding(self.ids[i].key, lamport, k) for k in range(n_items)]
+            commits = tuple(commitment(key, b, lab, one_hot(lab), self.ids[i].salt(b)) for b, lab in zip(binds, labels))
+        msg = self.sign(i, Query(lamport, rows, commits))
+        rids = [round_id(msg.id, k) for k in range(n_items)]
+        if labels is not None:
+            self.bound.update(((i, r), b) for r, b in zip(rids, binds))
+        return msg, rids
 
     def commits(self, i: int, choices: list[tuple[bytes, int]]) -> tuple[Commit, ...]:
         key = self.ids[i].key
@@ -59,7 +70,8 @@ class Net:
     def reveals(self, i: int, choices: list[tuple[bytes, int]], seen=None) -> tuple[Reveal, ...]:
         """Reveals listing ``seen`` (peer indices; default: every peer) as committed before."""
         keys = frozenset(self.ids[k].key for k in (range(len(self.ids)) if seen is None else seen))
-        return tuple(Reveal(r, lab, one_hot(lab), self.ids[i].salt(r), keys) for r, lab in choices)
+        return tuple(Reveal(r, lab, one_hot(lab), self.ids[i].salt(self.bound.get((i, r), r)), keys)
+                     for r, lab in choices)
 
     def commit(self, i: int, lamport: int, choices: list[tuple[bytes, int]]):
         return self.sign(i, Votes(lamport, self.commits(i, choices), ()))

@@ -185,10 +185,11 @@ async def test_vote_signatures_verify_for_a_client(node, http):
     """A client can check who voted what under whose signature, from the answer alone."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from p2pml.ledger import commitment, peer_id
+    from p2pml.ledger import commitment, peer_id, query_binding, round_id
     from p2pml.wire import DOMAIN, Verifier
 
     _, answer = await get(http, node + "/predict", GOOD)
+    issuers = 0
     _, view = await get(http, node + "/ledger")
     genesis = bytes.fromhex(view["genesis"])
     for vote in answer["votes"]:
@@ -201,8 +202,17 @@ async def test_vote_signatures_verify_for_a_client(node, http):
         # and the reveal opens the commit the vote was bound to before anyone revealed
         _, commit_msg = await get(http, node + "/message/" + vote["commit"])
         committed = Verifier(genesis).open(bytes.fromhex(commit_msg["envelope"])).msg
-        (c,) = [c for c in committed.body.commits if c.round == reveal.round]
-        assert c.digest == commitment(key, reveal.round, reveal.label, reveal.proba, reveal.salt)
+        if commit_msg["type"] == "query":  # the issuer's vote, committed inside its query
+            assert vote["commit"] == answer["query"]
+            (i,) = [i for i in range(len(committed.body.items))
+                    if round_id(committed.id, i) == reveal.round]
+            digest, bound = committed.body.commits[i], query_binding(key, committed.body.lamport, i)
+            issuers += 1
+        else:
+            (c,) = [c for c in committed.body.commits if c.round == reveal.round]
+            digest, bound = c.digest, reveal.round
+        assert digest == commitment(key, bound, reveal.label, reveal.proba, reveal.salt)
+    assert issuers == 1
 
 
 async def test_hostile_gossip_cannot_split_or_stall_the_network(api_cluster, node, http):

@@ -23,12 +23,16 @@ def histories(draw):
     if draw(st.booleans()):  # one key also claims a second seat (it may win it, or move)
         msgs.append(NET.register(0, name="bo", model=MODEL_KINDS[1]))
     rounds = []
-    specs = draw(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 12), st.integers(1, 3)),
-                          min_size=1, max_size=16))
-    for issuer, lamport, n_items in specs:  # small lamport range: many ties broken by round id
-        q, rids = NET.query(issuer, lamport, n_items)
+    own = {}  # round -> (issuer, label) where the query carries the issuer's committed vote
+    specs = draw(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 12), st.integers(1, 3),
+                                    st.none() | st.integers(0, 2)), min_size=1, max_size=16))
+    for issuer, lamport, n_items, embedded in specs:  # small lamport range: many ties broken by round id
+        labels = None if embedded is None else [(embedded + k) % 3 for k in range(n_items)]
+        q, rids = NET.query(issuer, lamport, n_items, labels)
         msgs.append(q)
         rounds += rids
+        if labels is not None:
+            own.update((rid, (issuer, label)) for rid, label in zip(rids, labels))
     rounds = list(dict.fromkeys(rounds))  # an identical query drawn twice is one message
     kinds = st.sampled_from([None, 0, 0, 0, 1, 2, "equivocate", "withhold", "mismatch", "rereveal"])
     seen = st.frozensets(st.integers(0, 4))
@@ -38,7 +42,10 @@ def histories(draw):
             if kind is None:
                 continue
             label = kind if isinstance(kind, int) else 2
-            commits.append((rid, label))
+            if own.get(rid, (None,))[0] == voter:  # committed in its query already
+                label = own[rid][1]
+            else:
+                commits.append((rid, label))
             if kind == "equivocate":  # a conflicting commit in a message of its own
                 msgs.append(NET.commit(voter, 1, [(rid, 1)]))
             if kind == "mismatch":

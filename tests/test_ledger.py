@@ -514,3 +514,49 @@ def test_assess_matches_its_definition(voters, outsider_committed):
         if voters_k:
             by_definition = _assess_by_definition(L.PeerState("y", "m", b"y"), [(p, lab, frozenset([b"y"])) for p, lab in voters_k])
             assert by_definition is None or L.compute_consensus(voters_k) == by_definition
+
+
+def test_the_issuers_commit_in_its_query_is_its_vote(net):
+    """The issuer commits to its own vote inside the query (binding ``query_binding``, since the
+    round id is the query's own hash): everyone holding the round holds that commit, its reveal
+    opens it, and it is counted and judged like any other vote."""
+    lg = with_members(net)
+    q, (rid,) = net.query(0, 1, labels=[2])
+    assert lg.add(q) is None
+    assert lg.committers(rid) == {net.ids[0].key}
+    assert lg.commit_round(net.ids[0].key, rid) == L.query_binding(net.ids[0].key, 1, 0)
+    assert lg.commit_round(net.ids[1].key, rid) == rid
+    for i in range(1, 5):
+        lg.add(net.commit(i, 1, [(rid, 2)]))
+    for i in range(5):
+        assert lg.add(net.reveal(i, 2, [(rid, 2)])) is None
+    out = lg.outcome(rid)
+    assert out.consensus == 2 and len(out.votes) == 5 and not out.late
+    issuer = next(cv for cv in out.votes if cv.peer == pid(net, 0))
+    assert issuer.commit == q.id  # the commit it opens is the query itself
+    assert lg.state.peers[pid(net, 0)].votes == 1 and lg.state.peers[pid(net, 0)].agreed == 1
+
+
+def test_the_issuers_commit_in_its_query_binds_its_vote(net):
+    """A reveal by the issuer that does not open the commit in its query is slashed like
+    equivocation; a second commit on its own round beside the one in the query is equivocation."""
+    lg = with_members(net)
+    q, (rid,) = net.query(0, 1, labels=[2])
+    lg.add(q)
+    for i in range(1, 5):
+        lg.add(net.votes(i, 1, [(rid, 0)]))
+    lg.add(net.reveal(0, 2, [(rid, 0)]))  # claims the majority's class, committed to 2
+    assert lg.state.peers[pid(net, 0)].reason == "reveal does not match its commit"
+    lg2 = with_members(net)
+    q2, (rid2,) = net.query(0, 1, labels=[1])
+    lg2.add(q2)
+    lg2.add(net.commit(0, 2, [(rid2, 1)]))  # the same class, committed again on the round id
+    p = lg2.state.peers[pid(net, 0)]
+    assert p.reason == "equivocation" and p.equivocation[0] == rid2.hex()
+
+
+def test_a_query_with_a_commit_count_unlike_its_items_is_refused(net):
+    lg = with_members(net)
+    body = L.Query(1, ((5.0, 3.0, 1.0, 0.1), (5.1, 3.0, 1.0, 0.1)), (bytes(32),))
+    # (the wire refuses to build or decode it; the ledger does not rely on that)
+    assert lg.add(L.Message(bytes(32), net.ids[0].key, body)) == "a query carries one commit per item, or none"

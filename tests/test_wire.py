@@ -51,6 +51,7 @@ def one_hot(label: int) -> tuple[int, ...]:
 BODIES = {
     "register": Register("ada", "knn", 1000),
     "query": Query(7, (ROW, (6.3, 2.9, 5.6, 1.8), (-0.0, 1e-300, 100.0, 0.5))),
+    "query with the issuer's commits": Query(8, (ROW, (6.3, 2.9, 5.6, 1.8)), (DIGEST, bytes(32))),
     "votes": Votes(9, (Commit(bytes(16), DIGEST),),
                    (Reveal(RID, 1, (100_000, 800_000, 100_000), SALT, frozenset({ALICE.key, BOB.key})),
                     Reveal(b"r" * 16, 2, one_hot(2), SALT, frozenset()))),
@@ -114,6 +115,8 @@ def test_boundary_values_accepted(kind):
     edge = {
         "register": Register("x" * MAX_NAME_CHARS, "\U0001f600" * MAX_NAME_CHARS, 2**63),
         "query": Query(MAX_LAMPORT, tuple((i / 3.0, 1.5, 0.0, 2.0) for i in range(MAX_ITEMS))),
+        "query with the issuer's commits": Query(MAX_LAMPORT, tuple((i / 3.0, 1.5, 0.0, 2.0) for i in range(MAX_ITEMS)),
+                                                 tuple(bytes([i]) * 32 for i in range(MAX_ITEMS))),
         "votes": Votes(1, tuple(Commit(bytes([i]) * 16, bytes([i]) * 32) for i in range(MAX_ITEMS)),
                        tuple(Reveal(bytes([i]) * 16, len(CLASSES) - 1, (0, 0, PROBA_ONE), SALT,
                                     frozenset(bytes([k]) * 32 for k in range(MAX_ITEMS)))
@@ -254,7 +257,13 @@ BAD_BODIES = {
     "register 3 fields": ["register", "ada", "knn"],
     "register 5 fields": ["register", "ada", "knn", 5, 5],
     "query 2 fields": ["query", 1],
-    "query 4 fields": ["query", 1, [list(ROW)], 0],
+    "query 4 fields, not commits": ["query", 1, [list(ROW)], 0],
+    "query 5 fields": ["query", 1, [list(ROW)], [DIGEST], 0],
+    "query commits empty": ["query", 1, [list(ROW)], []],
+    "query commits fewer than items": ["query", 1, [list(ROW), list(ROW)], [DIGEST]],
+    "query commits more than items": ["query", 1, [list(ROW)], [DIGEST, DIGEST]],
+    "query commit short": ["query", 1, [list(ROW)], [DIGEST[:31]]],
+    "query commit not bytes": ["query", 1, [list(ROW)], ["x" * 32]],
     "votes 2 fields": ["votes", 1],
     "votes 4 fields": ["votes", 1, [GOOD_COMMIT], []],
     "votes 6 fields": [*votes([GOOD_COMMIT]), 0],
