@@ -264,22 +264,27 @@ def commitment(author: bytes, rid: bytes, label: int, proba: tuple[int, ...], sa
     return hashlib.sha256(b"".join(parts)).digest()
 
 
-def _get(pairs: tuple, key, default=None):
-    """The value for ``key`` in ``pairs`` ((key, value), ...), or ``default``."""
-    for k, value in pairs:
-        if k == key:
-            return value
+def _pairs(flat: tuple):
+    """The (key, value) pairs of a flat tuple ``(key, value, key, value, ...)``."""
+    return zip(flat[::2], flat[1::2])
+
+
+def _get(flat: tuple, key, default=None):
+    """The value for ``key`` in ``flat`` (see ``_pairs``), or ``default``."""
+    for i in range(0, len(flat), 2):
+        if flat[i] == key:
+            return flat[i + 1]
     return default
 
 
-def _with(pairs: tuple, key, value) -> tuple:
-    """``pairs`` with ``key`` set to ``value``. Tuples of pairs rather than dicts for what the
-    ledger keeps per round and author: nearly always one entry, and a node keeps every round it
-    saw (a one-entry dict costs 224 bytes, this 104)."""
-    for i, (k, _) in enumerate(pairs):
-        if k == key:
-            return (*pairs[:i], (key, value), *pairs[i + 1:])
-    return (*pairs, (key, value))
+def _with(flat: tuple, key, value) -> tuple:
+    """``flat`` with ``key`` set to ``value``. Flat tuples rather than dicts for what the ledger
+    keeps per round and author: nearly always one entry, and a node keeps every round it saw (a
+    one-entry dict costs 224 bytes, this tuple 56)."""
+    for i in range(0, len(flat), 2):
+        if flat[i] == key:
+            return (*flat[:i + 1], value, *flat[i + 2:])
+    return (*flat, key, value)
 
 
 def compute_root(state: State) -> str:
@@ -419,9 +424,9 @@ class Ledger:
         self._registrations: dict[str, list[Message]] = {}
         self._queries: dict[bytes, tuple[int, bytes]] = {}  # round -> (lamport, round)
         self._order: list[tuple[int, bytes]] = []
-        # round -> author -> ((digest, lowest message id), ...); two digests mean equivocation
+        # round -> author -> (digest, lowest message id, ...); two digests mean equivocation
         self._commits: dict[bytes, dict[bytes, tuple]] = {}
-        # round -> author -> (((label, proba, salt), ((seen, lowest message id), ...)), ...)
+        # round -> author -> ((label, proba, salt), (seen, lowest message id, ...), ...)
         self._reveals: dict[bytes, dict[bytes, tuple]] = {}
         self.lamport = 0
         self._checkpoints: list[State] = []  # state before round CHECKPOINT_EVERY * i
@@ -577,16 +582,16 @@ class Ledger:
     def listed(self, rid: bytes) -> set[bytes]:
         """Keys that any reveal held on this round lists as committed."""
         return {key for contents in self._reveals.get(rid, {}).values()
-                for _, variants in contents for seen, _ in variants for key in seen}
+                for variants in contents[1::2] for seen in variants[::2] for key in seen}
 
     def listings(self, rid: bytes) -> dict[bytes, set[bytes]]:
         """For each author with a reveal on this round, every key its reveals list."""
-        return {author: {key for _, variants in contents for seen, _ in variants for key in seen}
+        return {author: {key for variants in contents[1::2] for seen in variants[::2] for key in seen}
                 for author, contents in self._reveals.get(rid, {}).items()}
 
     def revealed_labels(self, rid: bytes) -> list[int]:
         """The label of a reveal of every author on this round (in author order)."""
-        return [contents[0][0][0] for _, contents in sorted(self._reveals.get(rid, {}).items())]
+        return [contents[0][0] for _, contents in sorted(self._reveals.get(rid, {}).items())]
 
     def commit_round(self, key: bytes, rid: bytes) -> bytes:
         """What ``key``'s commitment on round ``rid`` binds: ``query_binding`` for the issuer
@@ -596,7 +601,7 @@ class Ledger:
         return rid
 
     def commits_of(self, key: bytes, rid: bytes) -> set[bytes]:
-        return {digest for digest, _ in self._commits.get(rid, {}).get(key, ())}
+        return set(self._commits.get(rid, {}).get(key, ())[::2])
 
     # -- the transition -----------------------------------------------------------------------
 
@@ -670,15 +675,15 @@ class Ledger:
             if pid is None or not digests:
                 continue  # not a member (yet), or a reveal waiting for its commit
             peer = state.peers[pid]
-            if len(digests) > 1:
-                first, second = sorted(mid for _, mid in digests)[:2]
+            if len(digests) > 2:
+                first, second = sorted(digests[1::2])[:2]
                 slash_equivocation(state, peer, (rid.hex(), first.hex(), second.hex()))
                 continue
-            ((digest, commit_id),) = digests
+            digest, commit_id = digests
             contents = reveals.get(author, ())
             bound = self.commit_round(author, rid)
-            wrong = [mid for content, variants in contents
-                     if commitment(author, bound, *content) != digest for _, mid in variants]
+            wrong = [mid for content, variants in _pairs(contents)
+                     if commitment(author, bound, *content) != digest for mid in variants[1::2]]
             if wrong:
                 slash_equivocation(state, peer, (rid.hex(), commit_id.hex(), min(wrong).hex()),
                                    "reveal does not match its commit")
@@ -691,9 +696,9 @@ class Ledger:
             # One content (all match one digest); several reveals of it (a restart re-reveals):
             # each lists only commits held before it was signed, so their intersection is what
             # the earliest one saw.
-            ((label, proba, _), variants) = contents[0]
-            seen = frozenset.intersection(*(listed for listed, _ in variants))
-            revealed.append((peer, label, proba, seen, (min(mid for _, mid in variants), commit_id)))
+            (label, proba, _), variants = contents[:2]
+            seen = frozenset.intersection(*variants[::2])
+            revealed.append((peer, label, proba, seen, (min(variants[1::2]), commit_id)))
         evidence = [(p, label, seen) for p, label, _, seen, _ in revealed]
         # From the powers before the round: None if not timely, else its vouchers' consensus.
         against = {p.key: assess(p, evidence) for p in [v[0] for v in revealed] + unrevealed}

@@ -47,6 +47,7 @@ from p2pml.wire import (
     WireError,
     check_link_proof,
     decode_body,
+    shared,
 )
 
 log = logging.getLogger(__name__)
@@ -528,7 +529,8 @@ class Node:
             self._frozen.pop(rid, None)
             for key in members:  # who keeps us waiting: not waited for after a few times
                 self._late_streak[key] = 0 if key in seen else self._late_streak.get(key, 0) + 1
-            reveals.append(Reveal(rid, label, proba, self.identity.salt(self.ledger.commit_round(self.identity.key, rid)), seen))
+            salt = self.identity.salt(self.ledger.commit_round(self.identity.key, rid))
+            reveals.append(Reveal(rid, label, proba, salt, shared(seen)))  # as peers' are
         return reveals
 
     def _copy(self, rid: bytes) -> list[Commit]:

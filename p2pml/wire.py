@@ -189,7 +189,7 @@ _INTERNED: dict = {}
 MAX_INTERNED = 8192  # keys and seen-sets repeat in every vote message: keep one copy of each
 
 
-def _intern(value):
+def shared(value):
     """One shared object per distinct key or seen-set: a node holds every message it has ever
     accepted, and five reveals a round each listing the same five keys were 3.6 KB a round."""
     found = _INTERNED.get(value)
@@ -212,7 +212,7 @@ def _votes_fast(lamport, commits, reveals, keys) -> Votes | None:
     for k in keys:
         if type(k) is not bytes or len(k) != KEY_BYTES or k <= prev:
             return None
-        table.append(_intern(k))
+        table.append(shared(k))
         prev = k
     out_commits, rounds = [], set()
     for c in commits:
@@ -244,14 +244,14 @@ def _votes_fast(lamport, commits, reveals, keys) -> Votes | None:
             last = i
         used.update(seen)
         rounds.add(rid)
-        out_reveals.append(Reveal(rid, label, tuple(proba), salt, _intern(frozenset([table[i] for i in seen]))))
+        out_reveals.append(Reveal(rid, label, tuple(proba), salt, shared(frozenset([table[i] for i in seen]))))
     if len(rounds) != len(out_reveals) or len(used) != n:
         return None
     return Votes(lamport, tuple(out_commits), tuple(out_reveals))
 
 
 def _decode_votes(lamport, commits, reveals, keys) -> Votes:
-    keys = [_intern(_bytes(k, "a seen key", KEY_BYTES)) for k in _list(keys, "seen keys", 0, MAX_ITEMS)]
+    keys = [shared(_bytes(k, "a seen key", KEY_BYTES)) for k in _list(keys, "seen keys", 0, MAX_ITEMS)]
     if any(a >= b for a, b in itertools.pairwise(keys)):
         raise WireError("seen keys must be sorted and distinct")
     out_commits = []
@@ -269,7 +269,7 @@ def _decode_votes(lamport, commits, reveals, keys) -> Votes:
         out_reveals.append(Reveal(
             _bytes(rid, "a reveal's round", ROUND_BYTES), _int(label, "label", 0, len(CLASSES) - 1),
             tuple(_int(p, "probability", 0, PROBA_ONE) for p in proba),
-            _bytes(salt, "a salt", SALT_BYTES), _intern(frozenset(keys[i] for i in seen))))
+            _bytes(salt, "a salt", SALT_BYTES), shared(frozenset(keys[i] for i in seen))))
     if not out_commits and not out_reveals:
         raise WireError("a vote message holds at least one commit or reveal")
     if set(keys) != set().union(*(r.seen for r in out_reveals)):
@@ -366,7 +366,7 @@ class Verifier:
             nacl.bindings.crypto_sign_open(sig + signed, key)
         except nacl.exceptions.BadSignatureError:
             raise WireError("bad signature") from None
-        msg = Message(mid, _intern(key), decode_body(body))
+        msg = Message(mid, shared(key), decode_body(body))
         return Signed(msg, raw if raw is not None else pack(env))
 
 
