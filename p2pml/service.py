@@ -419,8 +419,8 @@ class Node:
     def _own_votes(self, lamport: int, rows: tuple) -> list[tuple[int, tuple[int, ...], bytes]]:
         """This node's vote on each row of a query it is about to sign, as (label, proba,
         commitment): the query carries them, committed before any peer has seen the rows (one
-        message, one signature, one hop fewer per query than a separate commit). None for a
-        copycat (it has no vote of its own to give)."""
+        message, one signature, one hop fewer per query than a separate commit). Empty for a
+        copycat (it has no vote of its own to give) and once our key is in use elsewhere."""
         if self.model.behavior == "copycat" or self.key_conflict:
             return []
         me = self.identity.key
