@@ -19,6 +19,7 @@ from p2pml.store import (
     LOG_MAGIC,
     MAX_RECORD_BYTES,
     RECORD_HEADER,
+    RUNNING_FILE,
     DataDir,
     StoreError,
     default_data_dir,
@@ -377,6 +378,20 @@ def test_damaged_key_rejected(tmp_path, opened, size):
 
 
 # -- lock ----------------------------------------------------------------------------------------
+
+
+def test_running_marker_tells_a_crash_from_a_clean_stop(tmp_path, opened):
+    d = opened(tmp_path)
+    assert d.begin_run() is False  # a fresh data dir: nothing ran before
+    assert (tmp_path / RUNNING_FILE).exists()
+    opened.close(d)  # closed without end_run: as after kill -9
+    d = opened(tmp_path)
+    assert d.begin_run() is True
+    d.end_run()
+    assert not (tmp_path / RUNNING_FILE).exists()
+    opened.close(d)
+    d = opened(tmp_path)
+    assert d.begin_run() is False
 
 
 def test_second_data_dir_refused_while_open(tmp_path, opened):
