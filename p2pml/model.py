@@ -5,24 +5,22 @@ every run of every peer sees the same training rows and ``held_out()`` rows are 
 Behaviours other than ``honest`` exist so that slashing can be seen and tested; their "random"
 choice is a hash of the key and the round, so a restarted node votes exactly as before and never
 equivocates by accident.
+
+A node trains its model in a child process (``python -m p2pml.model KIND``), which sends back
+the fitted parameters its numpy fast path needs: scikit-learn and scipy, about 90 MB resident,
+are then never loaded in the node (unless a row needs scikit-learn itself, see ``_Sklearn``).
+This module imports scikit-learn only inside the functions that train or inspect an estimator.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import subprocess
+import sys
 
 import numpy as np
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.datasets import load_iris
-from sklearn.dummy import DummyClassifier
-from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 from p2pml.ledger import CLASSES, PROBA_ONE
 
@@ -37,12 +35,21 @@ BEHAVIORS = ("honest", "random", "constant", "wrong", "equivocate", "copycat", "
 CONSTANT_LABEL = 0  # what the "constant" behaviour always votes
 SPLIT_SEED = 0  # held-out accuracy varies with the split: see docs/ledger.md
 TEST_FRACTION = 0.3
+CHILD_TIMEOUT_S = 300  # training in a child process: minutes only on a machine that is stuck
 
 log = logging.getLogger(__name__)
 
 
 def build(kind: str):
     """A fresh, unfitted estimator of one of config.MODEL_KINDS."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
     if kind == "logistic_regression":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     if kind == "random_forest":
@@ -56,7 +63,7 @@ def build(kind: str):
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def forest_proba(forest: RandomForestClassifier, rows: np.ndarray) -> np.ndarray:
+def forest_proba(forest, rows: np.ndarray) -> np.ndarray:
     """``forest.predict_proba(rows)``, computed by summing the trees directly.
 
     The forest's own method dispatches every tree through joblib, which costs about 3.5 ms for
@@ -118,11 +125,17 @@ def _squared_distances(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return np.add.reduce(d, axis=0)
 
 
-def _standardize(scaler: StandardScaler):
-    """``scaler.transform`` for plain rows (a copy, then ``-= mean_`` and ``/= scale_``)."""
+def _scaler_params(scaler) -> dict | None:
+    from sklearn.preprocessing import StandardScaler
+
     if not (isinstance(scaler, StandardScaler) and scaler.with_mean and scaler.with_std):
         return None
-    mean, scale = scaler.mean_, scaler.scale_
+    return {"mean": scaler.mean_, "scale": scaler.scale_}
+
+
+def _standardize(p: dict):
+    """``scaler.transform`` for plain rows (a copy, then ``-= mean_`` and ``/= scale_``)."""
+    mean, scale = p["mean"], p["scale"]
 
     def transform(rows):
         x = rows - mean
@@ -184,6 +197,15 @@ class _TreeGrid:
             self.tables.append(np.ascontiguousarray(table.T))  # row per place
         self.cells = np.concatenate(cells)
 
+    def arrays(self) -> dict:
+        return {"edges": self.edges, "tables": self.tables, "cells": self.cells}
+
+    @classmethod
+    def from_arrays(cls, p: dict) -> _TreeGrid:
+        grid = cls.__new__(cls)
+        grid.edges, grid.tables, grid.cells = list(p["edges"]), list(p["tables"]), p["cells"]
+        return grid
+
     def leaves(self, rows: np.ndarray) -> np.ndarray:
         """Each tree's leaf value for each row: shape (n_trees, n_rows) + value's shape."""
         x = rows.astype(np.float32).astype(np.float64)
@@ -197,24 +219,34 @@ def _tree_arrays(tree, value):
     return tree.children_left, tree.children_right, tree.feature, tree.threshold, value
 
 
-def _forest_fast(forest: RandomForestClassifier):
-    """``predict_proba`` of a forest: each tree's leaf fractions, added in tree order from zero,
-    divided by the number of trees (as scikit-learn's forest does)."""
+# Each kind in two halves: ``_<kind>_params(estimator)`` reads the fitted parameters (in the
+# process that trained it; None for a layout this code does not know), ``_<kind>_proba(params,
+# slow)`` computes with them (anywhere: numpy only). Parameters cross between processes as
+# arrays, exactly (``_pack``), and each half derives its views the same way in both places.
+
+
+def _forest_params(forest) -> dict | None:
     if forest.n_outputs_ != 1:
         return None
     k = forest.n_classes_
     grid = _TreeGrid([_tree_arrays(t.tree_, t.tree_.value[:, 0, :k]) for t in forest.estimators_],
                      forest.n_features_in_)
-    n_trees = len(forest.estimators_)
+    return {**grid.arrays(), "n_trees": len(forest.estimators_)}
+
+
+def _forest_proba(p: dict, slow):
+    """``predict_proba`` of a forest: each tree's leaf fractions, added in tree order from zero,
+    divided by the number of trees (as scikit-learn's forest does)."""
+    grid, n_trees = _TreeGrid.from_arrays(p), int(p["n_trees"])
 
     def proba(rows):
         return np.add.reduce(grid.leaves(rows), axis=0) / n_trees  # sums trees in order
     return proba
 
 
-def _boosting_fast(gb: GradientBoostingClassifier):
-    """``predict_proba`` of gradient boosting: the init estimator's (constant) raw prediction,
-    plus ``learning_rate * leaf value`` of each stage's tree per class in stage order, then softmax."""
+def _boosting_params(gb) -> dict | None:
+    from sklearn.dummy import DummyClassifier
+
     stages, k = gb.estimators_.shape
     if k < 3 or not isinstance(gb.init_, DummyClassifier) or gb.init_.strategy != "prior":
         return None
@@ -227,7 +259,13 @@ def _boosting_fast(gb: GradientBoostingClassifier):
     trees = [(leaf, leaf, leaf, np.zeros(1), init[:1, c]) for c in range(k)]  # one-leaf "trees"
     trees += [_tree_arrays(t.tree_, gb.learning_rate * t.tree_.value[:, 0, 0])
               for t in gb.estimators_.ravel()]  # stage by stage, class by class
-    grid = _TreeGrid(trees, gb.n_features_in_)
+    return {**_TreeGrid(trees, gb.n_features_in_).arrays(), "stages": stages, "k": k}
+
+
+def _boosting_proba(p: dict, slow):
+    """``predict_proba`` of gradient boosting: the init estimator's (constant) raw prediction,
+    plus ``learning_rate * leaf value`` of each stage's tree per class in stage order, then softmax."""
+    grid, stages, k = _TreeGrid.from_arrays(p), int(p["stages"]), int(p["k"])
 
     def proba(rows):
         raw = np.add.reduce(grid.leaves(rows).reshape(stages + 1, k, -1), axis=0)  # in order
@@ -235,30 +273,39 @@ def _boosting_fast(gb: GradientBoostingClassifier):
     return proba
 
 
-def _logistic_fast(lr: LogisticRegression, transform):
-    """``predict_proba`` of a multinomial logistic regression: softmax of ``x @ coef_.T + intercept_``."""
+def _logistic_params(lr) -> dict | None:
     if len(lr.classes_) < 3:
         return None
-    coef_t, intercept = lr.coef_.T, lr.intercept_
+    return {"coef": lr.coef_, "intercept": lr.intercept_}
+
+
+def _logistic_proba(p: dict, slow):
+    """``predict_proba`` of a multinomial logistic regression: softmax of ``x @ coef_.T + intercept_``."""
+    transform, coef_t, intercept = _standardize(p), p["coef"].T, p["intercept"]
 
     def proba(rows):
         return _softmax(transform(rows) @ coef_t + intercept)
     return proba
 
 
-def _knn_fast(knn: KNeighborsClassifier, transform, slow):
+def _knn_params(knn) -> dict | None:
+    if not (knn.weights == "uniform" and knn.metric == "minkowski" and knn.p == 2
+            and knn.metric_params is None and not knn.outputs_2d_):
+        return None
+    points, k = knn._fit_X, knn.n_neighbors
+    if not (isinstance(points, np.ndarray) and len(points) > k):
+        return None
+    return {"points": points, "labels": knn._y, "k": k, "n_classes": len(knn.classes_)}
+
+
+def _knn_proba(p: dict, slow):
     """``predict_proba`` of k nearest neighbours with uniform weights: the neighbours' class counts
     over k. Where the k-th and (k+1)-th nearest are at the same distance (within 1e-9) and a tie
     changes the counts, which point scikit-learn keeps depends on its tree's search order: those
     rows alone go to ``slow`` (scikit-learn)."""
-    if not (knn.weights == "uniform" and knn.metric == "minkowski" and knn.p == 2
-            and knn.metric_params is None and not knn.outputs_2d_):
-        return None
-    points, labels, k = knn._fit_X, knn._y, knn.n_neighbors
-    if not (isinstance(points, np.ndarray) and len(points) > k):
-        return None
-    onehot = np.eye(len(knn.classes_))[labels]
-    columns = np.ascontiguousarray(points.T)[:, None, :]
+    transform, k = _standardize(p), int(p["k"])
+    onehot = np.eye(int(p["n_classes"]))[p["labels"]]
+    columns = np.ascontiguousarray(p["points"].T)[:, None, :]
 
     def proba(rows):
         dist = _squared_distances(transform(rows), columns)
@@ -283,10 +330,9 @@ def _knn_fast(knn: KNeighborsClassifier, transform, slow):
     return proba
 
 
-def _svm_fast(calibrated: CalibratedClassifierCV, transform):
-    """``predict_proba`` of sigmoid-calibrated RBF SVC (ensemble=False): libsvm's one-vs-one
-    decision values (kernel against the support vectors, each pair's sum in libsvm's order),
-    SVC's one-vs-rest transformation, each class's sigmoid, then the normalization."""
+def _svm_params(calibrated) -> dict | None:
+    from sklearn.svm import SVC
+
     if len(calibrated.calibrated_classifiers_) != 1:
         return None
     cal = calibrated.calibrated_classifiers_[0]
@@ -296,8 +342,7 @@ def _svm_fast(calibrated: CalibratedClassifierCV, transform):
             and svc.decision_function_shape == "ovr" and n >= 3 and not svc._sparse
             and np.array_equal(svc.classes_, calibrated.classes_)):
         return None
-    gamma, n_support = svc._gamma, svc._n_support
-    columns = np.ascontiguousarray(svc.support_vectors_.T)[:, None, :]
+    n_support = svc._n_support
     start = np.concatenate(([0], np.cumsum(n_support)))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     # Pair (i, j) sums dual_coef[j-1] over class i's vectors, then dual_coef[i] over class j's
@@ -310,7 +355,6 @@ def _svm_fast(calibrated: CalibratedClassifierCV, transform):
     coef = np.zeros((width, len(pairs)))
     for p, (idx, c) in enumerate(terms):
         index[: len(idx), p], coef[: len(c), p] = idx, c
-    intercept = svc._intercept_
     # one-vs-rest (sklearn.utils.multiclass._ovr_decision_function): class c's confidence sums
     # -dec of its pairs in pair order, minus where it is the first class; votes are counts
     depth = n - 1
@@ -327,8 +371,22 @@ def _svm_fast(calibrated: CalibratedClassifierCV, transform):
         votes_base[i] += 1
         votes_step[p, i] -= 1
         votes_step[p, j] += 1
-    a = np.array([c.a_ for c in cal.calibrators], dtype=np.float64)
-    b = np.array([c.b_ for c in cal.calibrators], dtype=np.float64)
+    return {"gamma": float(svc._gamma), "support": svc.support_vectors_, "index": index,
+            "coef": coef, "intercept": svc._intercept_, "conf_index": conf_index,
+            "conf_sign": conf_sign, "votes_base": votes_base, "votes_step": votes_step,
+            "a": np.array([c.a_ for c in cal.calibrators], dtype=np.float64),
+            "b": np.array([c.b_ for c in cal.calibrators], dtype=np.float64), "n": n}
+
+
+def _svm_proba(p: dict, slow):
+    """``predict_proba`` of sigmoid-calibrated RBF SVC (ensemble=False): libsvm's one-vs-one
+    decision values (kernel against the support vectors, each pair's sum in libsvm's order),
+    SVC's one-vs-rest transformation, each class's sigmoid, then the normalization."""
+    transform, gamma, n = _standardize(p), float(p["gamma"]), int(p["n"])
+    columns = np.ascontiguousarray(p["support"].T)[:, None, :]
+    index, coef, intercept = p["index"], p["coef"], p["intercept"]
+    conf_index, conf_sign = p["conf_index"], p["conf_sign"]
+    votes_base, votes_step, a, b = p["votes_base"], p["votes_step"], p["a"], p["b"]
 
     def proba(rows):
         kernel = np.exp(-gamma * _squared_distances(transform(rows), columns))
@@ -347,30 +405,79 @@ def _svm_fast(calibrated: CalibratedClassifierCV, transform):
     return proba
 
 
+_PROBA = {"forest": _forest_proba, "boosting": _boosting_proba, "logistic": _logistic_proba,
+          "knn": _knn_proba, "svm": _svm_proba}
+
+
+def fast_params(estimator) -> tuple[str, dict] | None:
+    """What the numpy fast path of ``estimator`` (one that ``build`` makes, fitted) needs, as
+    (its name in _PROBA, parameters); None where there is none."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
+
+    try:
+        if isinstance(estimator, RandomForestClassifier):
+            p = _forest_params(estimator)
+            return None if p is None else ("forest", p)
+        if isinstance(estimator, GradientBoostingClassifier):
+            p = _boosting_params(estimator)
+            return None if p is None else ("boosting", p)
+        if not (isinstance(estimator, Pipeline) and len(estimator.steps) == 2):
+            return None
+        scaler, final = _scaler_params(estimator[0]), estimator[-1]
+        if scaler is None:
+            return None
+        for cls, name, params in ((LogisticRegression, "logistic", _logistic_params),
+                                  (KNeighborsClassifier, "knn", _knn_params),
+                                  (CalibratedClassifierCV, "svm", _svm_params)):
+            if isinstance(final, cls):
+                p = params(final)
+                return None if p is None else (name, {**scaler, **p})
+    except (AttributeError, IndexError, TypeError, ValueError):  # a layout this code does not know
+        return None
+    return None
+
+
 def fast_predict_proba(estimator, slow=None):
     """A numpy function equal to ``estimator.predict_proba`` on plain rows (see ``_Guarded``)
     for the estimators ``build`` makes once fitted, or None where there is none. ``slow`` is
     what rows it cannot decide go to (knn ties); scikit-learn's own method by default."""
-    slow = estimator.predict_proba if slow is None else slow
-    try:
-        if isinstance(estimator, RandomForestClassifier):
-            return _forest_fast(estimator)
-        if isinstance(estimator, GradientBoostingClassifier):
-            return _boosting_fast(estimator)
-        if not (isinstance(estimator, Pipeline) and len(estimator.steps) == 2):
-            return None
-        transform, final = _standardize(estimator[0]), estimator[-1]
-        if transform is None:
-            return None
-        if isinstance(final, LogisticRegression):
-            return _logistic_fast(final, transform)
-        if isinstance(final, KNeighborsClassifier):
-            return _knn_fast(final, transform, slow)
-        if isinstance(final, CalibratedClassifierCV):
-            return _svm_fast(final, transform)
-    except (AttributeError, IndexError, TypeError, ValueError):  # a layout this code does not know
+    found = fast_params(estimator)
+    if found is None:
         return None
-    return None
+    return _PROBA[found[0]](found[1], estimator.predict_proba if slow is None else slow)
+
+
+def _pack(name: str, params: dict) -> bytes:
+    """Parameters as an ``.npz`` (arrays, lists of arrays, numbers): exact, and no pickle."""
+    arrays = {"kind": np.array(name)}
+    for key, value in params.items():
+        if isinstance(value, list):
+            arrays.update({f"list:{key}:{i}": v for i, v in enumerate(value)})
+            arrays[f"len:{key}"] = np.array(len(value))
+        else:
+            arrays[f"value:{key}"] = np.asarray(value)
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def _unpack(data: bytes) -> tuple[str, dict]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        name, params = str(z["kind"]), {}
+        for key in z.files:
+            if key.startswith("value:"):
+                value = z[key]
+                params[key[6:]] = value.item() if value.ndim == 0 else value
+            elif key.startswith("len:"):
+                field = key[4:]
+                params[field] = [z[f"list:{field}:{i}"] for i in range(int(z[key]))]
+    if name not in _PROBA:
+        raise ValueError(f"unknown fast path {name!r}")
+    return name, params
 
 
 def _agrees(fast, estimator, rows: np.ndarray) -> bool:
@@ -385,6 +492,9 @@ def _agrees(fast, estimator, rows: np.ndarray) -> bool:
 
 
 def _split():
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import train_test_split
+
     data = load_iris()
     return train_test_split(data.data, data.target, test_size=TEST_FRACTION,
                             random_state=SPLIT_SEED, stratify=data.target)
@@ -396,25 +506,65 @@ def held_out() -> tuple[np.ndarray, np.ndarray]:
     return x_test, y_test
 
 
-class Model:
-    """One peer's voter: ``vote(rows, rounds)`` gives ``(label, probabilities in millionths)``."""
+def _fit(kind: str):
+    """The estimator of ``kind`` trained on the split; and scikit-learn's own predict_proba for
+    it (the forest's summed directly, see ``forest_proba``)."""
+    x_train, _, y_train, _ = _split()
+    estimator = build(kind).fit(x_train, y_train)
+    if kind == "random_forest":
+        return estimator, lambda rows: forest_proba(estimator, rows)
+    return estimator, estimator.predict_proba
 
-    def __init__(self, kind: str, behavior: str = "honest", key: bytes = b""):
+
+def train_fast(kind: str) -> tuple[object, object, tuple[str, dict] | None]:
+    """Train ``kind``; return (estimator, its scikit-learn predict_proba, fast path parameters
+    or None if there is no fast path equal to scikit-learn's on every Iris row)."""
+    estimator, slow = _fit(kind)
+    found = fast_params(estimator)
+    if found is not None:
+        x_train, x_test, _, _ = _split()
+        if not _agrees(_PROBA[found[0]](found[1], slow), estimator, np.vstack((x_train, x_test))):
+            found = None
+    return estimator, slow, found
+
+
+class _Sklearn:
+    """scikit-learn's own ``predict_proba`` for ``kind``, trained on first use: for the rows a
+    fast path in a node without scikit-learn leaves to it (knn ties, odd input)."""
+
+    def __init__(self, kind: str):
+        self.kind, self._proba = kind, None
+
+    def __call__(self, rows):
+        if self._proba is None:
+            log.info("%s: loading scikit-learn for a row the fast path leaves to it", self.kind)
+            self._proba = _fit(self.kind)[1]
+        return self._proba(rows)
+
+
+class Model:
+    """One peer's voter: ``vote(rows, rounds)`` gives ``(label, probabilities in millionths)``.
+
+    ``separate``: train in a child process and keep only the fast path's parameters here (what a
+    node does; ``estimator`` is then None). Otherwise train here (tests, tools)."""
+
+    def __init__(self, kind: str, behavior: str = "honest", key: bytes = b"", separate: bool = False):
         if behavior not in BEHAVIORS:
             raise ValueError(f"unknown behavior {behavior!r}; choose one of {', '.join(BEHAVIORS)}")
         self.kind = kind
         self.behavior = behavior
         self._key = key
-        x_train, x_test, y_train, _ = _split()
-        self.estimator = build(kind).fit(x_train, y_train)
-        if kind == "random_forest":
-            slow = lambda rows: forest_proba(self.estimator, rows)
+        self.estimator = None
+        found = _train_in_child(kind) if separate else None
+        if found is not None:
+            slow = _Sklearn(kind)
+            fast = _PROBA[found[0]](found[1], slow)
         else:
-            slow = self.estimator.predict_proba
+            self.estimator, slow, found = train_fast(kind)
+            fast = None if found is None else _PROBA[found[0]](found[1], slow)
         self.predict_proba = slow
-        fast = fast_predict_proba(self.estimator, slow)
-        if fast is not None and _agrees(fast, self.estimator, np.vstack((x_train, x_test))):
-            self.predict_proba = _Guarded(fast, slow, self.estimator.n_features_in_)
+        if fast is not None:
+            self.predict_proba = _Guarded(fast, slow, len(FEATURES))
         else:
             log.warning("%s: no fast path equal to scikit-learn's; using scikit-learn's", kind)
 
@@ -433,5 +583,48 @@ class Model:
         return [(int(label), one_hot(int(label))) for label in labels]
 
 
+def _train_in_child(kind: str) -> tuple[str, dict] | None:
+    """The fast path's parameters for ``kind``, trained and checked in a child process; None
+    (with the reason logged) if it has none or fails, and the caller trains here instead."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "p2pml.model", kind], capture_output=True,
+                             timeout=CHILD_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("%s: training in a child process failed (%s); training here", kind, exc)
+        return None
+    if out.returncode != 0:
+        log.warning("%s: training in a child process failed (exit %d: %s); training here", kind,
+                    out.returncode, out.stderr.decode(errors="replace").strip()[-500:])
+        return None
+    try:
+        return _unpack(out.stdout)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("%s: the child's parameters are unreadable (%s); training here", kind, exc)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m p2pml.model KIND``: train KIND and write its fast path's parameters (.npz)
+    to stdout; exit 3 if it has none equal to scikit-learn's."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m p2pml.model KIND", file=sys.stderr)
+        return 2
+    try:
+        _, _, found = train_fast(args[0])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if found is None:
+        print(f"{args[0]}: no fast path equal to scikit-learn's", file=sys.stderr)
+        return 3
+    sys.stdout.buffer.write(_pack(*found))
+    return 0
+
+
 def one_hot(label: int) -> tuple[int, ...]:
     return tuple(PROBA_ONE if c == label else 0 for c in range(len(CLASSES)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

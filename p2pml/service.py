@@ -86,7 +86,7 @@ class Node:
         self.ledger = Ledger(self.genesis)
         self.verifier = Verifier(self.genesis_id)
         self.holdings = Holdings()
-        self.model = Model(me.model, behavior, self.identity.key)
+        self.model = Model(me.model, behavior, self.identity.key, separate=True)
         self.scores = Scores(net.invalid_message_limit, net.ignore_ms / 1000)
         self.gossip = Gossip(me.name, [p for p in net.peers if p.name != me.name], self.holdings,
                              self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms,

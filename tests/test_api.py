@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import msgpack
@@ -254,6 +255,16 @@ async def test_hostile_gossip_cannot_split_or_stall_the_network(api_cluster, nod
 def run_cli(*args, env=None, timeout=60):
     return subprocess.run([sys.executable, "-m", "p2pml.node", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, check=False)
+
+
+def test_a_node_runs_without_scikit_learn_loaded(api_cluster):
+    """The model trains in a child process; the node keeps numpy parameters only (scikit-learn
+    and scipy are about 90 MB resident): no shared object of theirs is mapped in a node."""
+    for name, proc in api_cluster.procs.items():
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "numpy" in maps and "/sklearn/" not in maps and "/scipy/" not in maps, name
+        rss_kb = int(Path(f"/proc/{proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+        assert rss_kb < 120 * 1024, (name, rss_kb)
 
 
 def test_cli_errors_are_clear(tmp_path):

@@ -159,6 +159,47 @@ def test_odd_input_is_handled_as_before(kind):
 
 
 def test_a_fast_path_that_disagrees_is_not_used(monkeypatch):
-    monkeypatch.setattr(model, "fast_predict_proba", lambda estimator, slow: lambda rows: 1 - slow(rows))
+    monkeypatch.setitem(model._PROBA, "logistic", lambda params, slow: lambda rows: 1 - slow(rows))
     m = Model("logistic_regression")
     assert m.predict_proba == m.estimator.predict_proba
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_model_trained_in_a_child_process_votes_exactly_the_same(kind):
+    """What a node runs: the fast path's parameters from `python -m p2pml.model KIND`, numpy
+    here; scikit-learn only for what the fast path leaves to it (trained then, on first use)."""
+    child = Model(kind, separate=True)
+    assert child.estimator is None and isinstance(child.predict_proba, _Guarded)
+    assert isinstance(child.predict_proba.slow, model._Sklearn) and child.predict_proba.slow._proba is None
+    here = _model(kind)
+    for name, rows in _test_rows(kind).items():
+        np.testing.assert_array_equal(child.predict_proba(rows), here.predict_proba(rows), err_msg=name)
+    x, _ = held_out()
+    assert child.vote(x, [b""] * len(x)) == here.vote(x, [b""] * len(x))
+    if kind == "knn":  # a tie that decides the vote: scikit-learn, loaded for it
+        x_train = _split()[0]
+        i, j = np.triu_indices(len(x_train), 1)
+        mid = np.ascontiguousarray((x_train[i] + x_train[j]) / 2)
+        np.testing.assert_array_equal(child.predict_proba(mid), here.estimator.predict_proba(mid))
+        assert child.predict_proba.slow._proba is not None
+
+
+def test_parameters_cross_processes_exactly():
+    found = model.fast_params(_model("svm").estimator)
+    name, params = model._unpack(model._pack(*found))
+    assert name == found[0] and params.keys() == found[1].keys()
+    for key, value in found[1].items():
+        np.testing.assert_array_equal(params[key], value)
+        assert np.asarray(params[key]).dtype == np.asarray(value).dtype
+    with pytest.raises(ValueError):
+        model._unpack(model._pack("pickle", {}))
+
+
+def test_training_child_refuses_an_unknown_kind_clearly():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "p2pml.model", "resnet"], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 2 and "unknown model kind 'resnet'" in r.stderr
+    assert Model("knn", separate=True).kind == "knn"  # and a good one works
