@@ -130,6 +130,7 @@ async def run(args, cluster: LocalCluster, baseline_url: str, baseline_pid: int)
     base = Target("baseline", [baseline_url], [baseline_pid])
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=args.clients * 2)
+    p2p.results["rss_start_mb"] = max(rss_mb(p) for p in p2p.pids)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for target in (base, p2p):  # warm up both
             await sequential(session, target, rows, 20)
@@ -145,6 +146,8 @@ async def run(args, cluster: LocalCluster, baseline_url: str, baseline_pid: int)
             for target in (base, p2p):
                 await concurrent(session, target, rows, args.clients, args.seconds / LOAD_SLICES)
         p2p.results["roots_agree_s"] = wait_roots(cluster, 30)
+        p2p.results["rounds"] = max(lg["rounds"] for lg in cluster.ledgers().values())
+        p2p.results["rss_end_mb"] = max(rss_mb(p) for p in p2p.pids)
         for target in (base, p2p):
             summarize(target)
         ratios = sorted(p / b for p, b in zip(p2p.seq_p50s, base.seq_p50s))
@@ -170,6 +173,12 @@ def report(base: Target, p2p: Target, args) -> None:
     print(f"{'ledger roots agree after load stops (s)':42} {'-':>10} {p2p.results['roots_agree_s']:>10.3f}")
     print(f"sequential p50 ratio, slice by slice ({SLICES} side by side): median "
           f"{p2p.results['seq_ratio_median']:.2f}")
+    # Every node keeps every round it saw: how fast it grows, and where that leads.
+    start, end, rounds = p2p.results["rss_start_mb"], p2p.results["rss_end_mb"], p2p.results["rounds"]
+    per_round_kb = (end - start) * 1024 / max(1, rounds)
+    reach = f"; 200 MB at about {(200 - start) * 1024 / per_round_kb:,.0f} rounds" if per_round_kb > 0 else ""
+    print(f"p2pml node memory: {start:.0f} MB at start, {end:.0f} MB holding {rounds} rounds: "
+          f"{per_round_kb:.1f} KB a round{reach}")
 
 
 def main() -> int:

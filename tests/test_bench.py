@@ -15,7 +15,7 @@ def test_bench_runs_end_to_end():
                        capture_output=True, text=True, timeout=180, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     for label in ("sequential p50 latency", "throughput, 4 clients", "CPU per query",
-                  "resident memory", "ledger roots agree after load stops"):
+                  "resident memory", "ledger roots agree after load stops", "KB a round"):
         assert label in r.stdout
     line = next(x for x in r.stdout.splitlines() if x.startswith("errors under load"))
     assert line.split()[3:5] == ["0", "0"], line
