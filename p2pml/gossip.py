@@ -184,6 +184,7 @@ class Gossip:
         self.scores = scores or Scores(64, 30.0)
         self._local_host = local_host
         self.links = {p.name: Link(p) for p in peers}
+        self.caught_up: set[str] = set()  # peers one of whose syncs found nothing we lacked
         self.holdings = holdings
         self._ingest = ingest
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_ms / 1000,
@@ -387,6 +388,8 @@ class Gossip:
             return
         their_ids = {i for i in theirs if type(i) is bytes}
         missing = [i for i in their_ids if i not in self.holdings]
+        if not missing:
+            self.caught_up.add(link.cfg.name)  # we held all it held (as of its answer)
         for k in range(0, min(len(missing), FETCHES_PER_SYNC * MAX_BATCH_MESSAGES),
                        MAX_BATCH_MESSAGES):
             batch = await self._post(link, "/fetch", pack(missing[k : k + MAX_BATCH_MESSAGES]))

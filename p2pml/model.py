@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +37,8 @@ BEHAVIORS = ("honest", "random", "constant", "wrong", "equivocate", "copycat", "
 CONSTANT_LABEL = 0  # what the "constant" behaviour always votes
 SPLIT_SEED = 0  # held-out accuracy varies with the split: see docs/ledger.md
 TEST_FRACTION = 0.3
-CHILD_TIMEOUT_S = 300  # training in a child process: minutes only on a machine that is stuck
+CHILD_TIMEOUT_S = 120  # training in a child process takes 1-3 s; this long only if it is stuck
+PARAMS_FORMAT = 1  # of what the child sends back
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +283,16 @@ def _logistic_params(lr) -> dict | None:
 
 
 def _logistic_proba(p: dict, slow):
-    """``predict_proba`` of a multinomial logistic regression: softmax of ``x @ coef_.T + intercept_``."""
-    transform, coef_t, intercept = _standardize(p), p["coef"].T, p["intercept"]
+    """``predict_proba`` of a multinomial logistic regression: softmax of ``x @ coef_.T + intercept_``,
+    the products added feature by feature in order. Not ``@``: BLAS takes another route for one
+    row than for many, which changes the last bits, and a node must get the same vote for a row
+    whatever batch it comes in (a restart recomputes its commitments)."""
+    transform, intercept = _standardize(p), p["intercept"]
+    coef_t = np.ascontiguousarray(p["coef"].T)[:, None, :]  # (features, 1, classes)
 
     def proba(rows):
-        return _softmax(transform(rows) @ coef_t + intercept)
+        logits = np.add.reduce(transform(rows).T[:, :, None] * coef_t, axis=0)
+        return _softmax(logits + intercept)
     return proba
 
 
@@ -453,7 +461,7 @@ def fast_predict_proba(estimator, slow=None):
 
 def _pack(name: str, params: dict) -> bytes:
     """Parameters as an ``.npz`` (arrays, lists of arrays, numbers): exact, and no pickle."""
-    arrays = {"kind": np.array(name)}
+    arrays = {"kind": np.array(name), "format": np.array(PARAMS_FORMAT)}
     for key, value in params.items():
         if isinstance(value, list):
             arrays.update({f"list:{key}:{i}": v for i, v in enumerate(value)})
@@ -467,6 +475,8 @@ def _pack(name: str, params: dict) -> bytes:
 
 def _unpack(data: bytes) -> tuple[str, dict]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        if "format" not in z.files or int(z["format"]) != PARAMS_FORMAT:
+            raise ValueError("parameters of another format (another p2pml version?)")
         name, params = str(z["kind"]), {}
         for key in z.files:
             if key.startswith("value:"):
@@ -587,8 +597,12 @@ def _train_in_child(kind: str) -> tuple[str, dict] | None:
     """The fast path's parameters for ``kind``, trained and checked in a child process; None
     (with the reason logged) if it has none or fails, and the caller trains here instead."""
     try:
+        # the same p2pml as ours, whatever the working directory
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
         out = subprocess.run([sys.executable, "-m", "p2pml.model", kind], capture_output=True,
-                             timeout=CHILD_TIMEOUT_S, check=False)
+                             timeout=CHILD_TIMEOUT_S, check=False, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("%s: training in a child process failed (%s); training here", kind, exc)
         return None
@@ -597,9 +611,11 @@ def _train_in_child(kind: str) -> tuple[str, dict] | None:
                     out.returncode, out.stderr.decode(errors="replace").strip()[-500:])
         return None
     try:
-        return _unpack(out.stdout)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("%s: the child's parameters are unreadable (%s); training here", kind, exc)
+        found = _unpack(out.stdout)
+        _PROBA[found[0]](found[1], None)  # every parameter it needs is there
+        return found
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with them, train here instead
+        log.warning("%s: the child's parameters are unusable (%s); training here", kind, exc)
         return None
 
 

@@ -120,10 +120,13 @@ class Node:
         self._written_root = ""
         self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "not_voted": 0}
         self.key_conflict: str | None = None  # set once a vote by our key that we never signed shows up
-        # during a clean start's sync: a vote of ours not in our log was signed elsewhere
-        self._strict = False
-        # before _load: a crash while loading is still a crash at the next start
-        self._crashed = data.begin_run()
+        # The last run crashed (or our log lost its tail): votes we had sent may be lost, and
+        # may come back from peers (see start). Otherwise any vote of ours that we do not hold
+        # was signed elsewhere.
+        self._lost = data.last_run_crashed()
+        # after a crash: rounds held at start that we did not vote on, in case a commit of ours
+        # that the crash lost shows up (then we reveal it): round -> (round, row, issuer)
+        self._unvoted: dict[bytes, tuple] = {}
         self._load()
 
     # -- start-up and shutdown ------------------------------------------------------------------
@@ -142,12 +145,15 @@ class Node:
         self._loading = False
         # Of the history just read, vote only where it can still count: rounds committed to
         # but not revealed (a restart in between), and rounds nobody has revealed on yet (on
-        # the others a vote would be late: never counted nor judged).
+        # the others a vote would be late: never counted nor judged). After a crash, every
+        # round we did not reveal on, until start() has heard from the peers (_after_crash).
         me = self.identity.key
+        self._lost = self._lost or bool(self.data.damaged_tail)
         for issuer in list(self._to_vote):
             keep = collections.deque(
                 item for item in self._to_vote[issuer]
-                if self.ledger.commits_of(me, item[0]) or not self.ledger.revealers(item[0]))
+                if self.ledger.commits_of(me, item[0]) or not self.ledger.revealers(item[0])
+                or (self._lost and me not in self.ledger.revealers(item[0])))
             if keep:
                 self._to_vote[issuer] = keep
             else:
@@ -160,20 +166,21 @@ class Node:
 
     async def start(self) -> None:
         """Hear from the peers first: if the network holds a vote by our key that our log does
-        not, another process has this key (or this data dir is an old copy); refuse to run."""
+        not, another process has this key (or this data dir is an old copy); refuse to run.
+        Unless our last run crashed: then it may be a vote of ours that the crash lost."""
         await self.gossip.start()
-        self._strict = not (self._crashed or self.data.damaged_tail)
-        if not self._strict:
+        if self._lost:
             log.warning("the last run did not stop cleanly%s: votes by this key that the peers "
-                        "hold are taken as this node's own (another process with this key cannot "
-                        "be told apart now)", " and the log lost its tail" if self.data.damaged_tail else "")
+                        "hold are taken as this node's own unless they contradict ours (another "
+                        "process with this key cannot be told apart now)",
+                        " and the log lost its tail" if self.data.damaged_tail else "")
         await self.gossip.reconcile_all(STARTUP_SYNC_S)
-        self._strict = False
         if self.key_conflict:
             await self.gossip.close()
             raise KeyInUse(self.key_conflict)
-        if self._crashed:
+        if self._lost:
             self._after_crash()
+        self.data.begin_run()  # from here on we send what we sign before it is durable
         self._tasks += [
             asyncio.create_task(self._query_loop(), name="queries"),
             asyncio.create_task(self._vote_loop(), name="votes"),
@@ -192,10 +199,13 @@ class Node:
         ones only to reveal what our log (or a peer) shows we committed to."""
         me = self.identity.key
         for issuer in list(self._to_vote):
-            keep = collections.deque(item for item in self._to_vote[issuer]
-                                     if self.ledger.commits_of(me, item[0]))
-            dropped = len(self._to_vote[issuer]) - len(keep)
-            self.stats["not_voted"] += dropped
+            keep = collections.deque()
+            for item in self._to_vote[issuer]:
+                if self.ledger.commits_of(me, item[0]):
+                    keep.append(item)
+                elif me not in self.ledger.revealers(item[0]):
+                    self._unvoted[item[0]] = item  # back in _to_vote if a commit of ours shows up
+                    self.stats["not_voted"] += 1
             if keep:
                 self._to_vote[issuer] = keep
             else:
@@ -209,8 +219,15 @@ class Node:
         self._executor.shutdown(wait=True, cancel_futures=True)
         await self.data.commit()
         self.data.commit_now()
+        # Everything we signed is durable: the next start is a clean one. Unless this run began
+        # after a crash and never caught up with every peer: one may hold a vote of ours that
+        # the crash lost, which a clean start would take for another signer's.
+        if not self._lost or self.gossip.caught_up >= set(self.gossip.links):
+            self.data.end_run()
+        else:
+            log.warning("not caught up with every peer since the crash: the next start will "
+                        "take votes by this key from peers as its own, as this one did")
         self._write_ledger()
-        self.data.end_run()  # everything we signed is durable: the next start is a clean one
         self.data.close()
 
     # -- intake ---------------------------------------------------------------------------------
@@ -233,8 +250,9 @@ class Node:
             rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
             if self.model.behavior == "copycat":
                 self._to_copy.update((rid, issuer) for rid, _, issuer in rounds)
-            elif msg.author == self.identity.key and body.commits and not self._loading:
-                pass  # our vote is in the query already (_query_loop)
+            elif (msg.author == self.identity.key and body.commits and not self._loading
+                  and all(rid in self._own for rid, _, _ in rounds)):
+                pass  # our vote is in the query already (_query_loop); not so one a crash lost
             elif self.ledger.is_member(msg.author) and self._within_budget(msg.author, len(rounds)):
                 self._to_vote.setdefault(msg.author, collections.deque()).extend(rounds)
                 self._vote_wake.set()
@@ -375,21 +393,28 @@ class Node:
         return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
 
     def _foreign_own_vote(self, msg: Message, source: str) -> None:
-        """A vote by our key that we did not hold. During a clean start's sync, another process
-        signed it (a clean stop leaves all we signed in our log). Otherwise it may be ours, sent
-        just before a crash (votes leave before their fsync): holding it is then what we need,
-        and it betrays another signer only if it commits, on some round, to another vote than
-        ours there (the same model, seed and round give the same commitment)."""
+        """A vote by our key that we did not hold. After a clean start, another process signed
+        it: everything we sign is held before it is sent. After a crash it may be ours, sent
+        just before the crash (votes leave before their fsync): holding it is then what we
+        need (and revealing it, see ``_unvoted``), and it betrays another signer only if it
+        commits, on some round, to another vote than ours there (the same model, seed and
+        round give the same commitment)."""
         if self.key_conflict is not None:
             return
         me = self.identity.key
         clash = [c.round for c in msg.body.commits if len(self.ledger.commits_of(me, c.round)) > 1]
-        if self._strict or clash:
+        if not self._lost or clash:
             why = (f"commits on round {clash[0].hex()[:16]} to another vote than ours" if clash
                    else f"is not in {self.data.path}")
             self.key_conflict = (f"another process is signing with this node's key (vote "
                                  f"{msg.id.hex()[:16]} from {source} {why}); stopped voting")
             log.critical("%s", self.key_conflict)
+            return
+        for c in msg.body.commits:
+            item = self._unvoted.pop(c.round, None)
+            if item is not None:  # a commit of ours the crash lost: reveal it
+                self._to_vote.setdefault(item[2], collections.deque()).append(item)
+                self._vote_wake.set()
 
     # -- own messages ---------------------------------------------------------------------------
 

@@ -257,14 +257,16 @@ class DataDir:
 
     # -- running marker -------------------------------------------------------------------------
 
-    def begin_run(self) -> bool:
-        """Mark this data dir as in use by a running node (durably); return whether the last
-        run ended without ``end_run``: in a crash."""
+    def last_run_crashed(self) -> bool:
+        """Whether the last run ended without ``end_run``: in a crash (or before it had caught
+        up on what the crash may have lost, see Node.close)."""
+        return (self.path / RUNNING_FILE).exists()
+
+    def begin_run(self) -> None:
+        """Mark this data dir as in use by a node that is about to send what it signs (durably)."""
         path = self.path / RUNNING_FILE
-        crashed = path.exists()
-        if not crashed:
+        if not path.exists():
             write_atomic(path, b"a p2pml node is running, or stopped without a clean shutdown\n")
-        return crashed
 
     def end_run(self) -> None:
         """After everything this node signed is durable: the next start is a clean one."""

@@ -157,14 +157,16 @@ async def test_a_second_process_with_the_same_key_refuses_to_run(make_cluster, t
     assert get_json(cluster.url("ada") + "/health")["status"] == "ok"
 
 
-async def test_a_vote_by_our_key_is_taken_as_ours_unless_it_contradicts_our_commit(make_cluster):
-    """Votes leave before their fsync, so a vote by a node's key that it does not hold may be one
-    a crash lost: the node holds it and votes on. One that commits, on a round the node
-    committed on, to another vote is another signer's: the node stops voting (and the network
-    slashes the key, since two commitments on one round are equivocation)."""
+async def test_after_a_crash_a_vote_by_our_key_is_ours_unless_it_contradicts_our_commit(make_cluster):
+    """Votes leave before their fsync, so after a crash a vote by a node's key that it does not
+    hold may be one the crash lost: the node holds it and votes on. One that commits, on a round
+    the node committed on, to another vote is another signer's: the node stops voting (and the
+    network slashes the key: two commitments on one round are equivocation). After a clean
+    start every vote of ours is held before it leaves, so an unknown one stops the node."""
     import aiohttp
 
     from p2pml.ledger import Commit, Votes
+    from p2pml.store import RUNNING_FILE
     from p2pml.wire import Identity, pack_batch
 
     cluster = make_cluster(3)
@@ -172,28 +174,119 @@ async def test_a_vote_by_our_key_is_taken_as_ours_unless_it_contradicts_our_comm
     assert all(status == 200 and len(body["votes"]) == 3 for status, body, _ in answers)
     rid = bytes.fromhex(answers[0][1]["round"])  # cy committed on it
     genesis = bytes.fromhex(get_json(cluster.url("cy") + "/ledger")["genesis"])
-    cy = Identity.from_seed((cluster.data_root / "cy" / "node.key").read_bytes())
+    keys = {n: Identity.from_seed((cluster.data_root / n / "node.key").read_bytes()) for n in ("ada", "cy")}
+    cluster.kill("cy")
+    assert (cluster.data_root / "cy" / RUNNING_FILE).exists()
+    cluster.start("cy")
+    await asyncio.to_thread(cluster.wait_healthy, 60, ["cy"])
 
-    async def gossip(signed) -> dict:
+    async def gossip(name, signed) -> dict:
         async with aiohttp.ClientSession() as s, s.post(
-                cluster.url("cy") + "/gossip", data=pack_batch([signed.raw]),
+                cluster.url(name) + "/gossip", data=pack_batch([signed.raw]),
                 headers={"Content-Type": "application/msgpack"}) as r:
             assert r.status == 200, await r.text()
             return await r.json()
 
+    def stopped(name) -> str:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            get_json(cluster.url(name) + "/health")
+        assert err.value.code == 503
+        return err.value.read().decode()
+
     # A commit of cy's on a round nobody asked (yet): nothing to contradict; held as cy's own.
-    lost = cy.sign(genesis, Votes(10_000, (Commit(bytes(16), bytes(32)),), ()))
-    assert (await gossip(lost))["accepted"] == 1
+    lost = keys["cy"].sign(genesis, Votes(10_000, (Commit(bytes(16), bytes(32)),), ()))
+    assert (await gossip("cy", lost))["accepted"] == 1
     assert get_json(cluster.url("cy") + "/health")["status"] == "ok"
     answers = await ask(cluster, ROWS)
     assert all(status == 200 and len(body["votes"]) == 3 for status, body, _ in answers)
 
     # Another commitment on a round cy committed on: another signer has cy's key.
-    assert (await gossip(cy.sign(genesis, Votes(10_001, (Commit(rid, bytes(32)),), ()))))["accepted"] == 1
-    with pytest.raises(urllib.error.HTTPError) as stopped:
-        get_json(cluster.url("cy") + "/health")
-    assert stopped.value.code == 503
-    assert "commits on round" in stopped.value.read().decode()
+    clash = keys["cy"].sign(genesis, Votes(10_001, (Commit(rid, bytes(32)),), ()))
+    assert (await gossip("cy", clash))["accepted"] == 1
+    assert "commits on round" in stopped("cy")
     ledgers = cluster.wait_converged(timeout=15)
-    assert all(lg["peers"][cy_id]["equivocation"] for lg in ledgers.values()
-               for cy_id in lg["peers"] if lg["peers"][cy_id]["name"] == "cy")
+    assert all(p["equivocation"] for lg in ledgers.values() for p in lg["peers"].values() if p["name"] == "cy")
+
+    # ada started cleanly: a vote by its key that it does not hold is not its own.
+    stranger = keys["ada"].sign(genesis, Votes(10_002, (Commit(bytes(15) + b"\x01", bytes(32)),), ()))
+    assert (await gossip("ada", stranger))["accepted"] == 1
+    assert "is not in" in stopped("ada")
+
+
+@pytest.mark.parametrize("back", ["at start", "later"])
+async def test_a_commit_the_crash_lost_comes_back_from_peers_and_is_revealed(make_cluster, back):
+    """cy held the queries (and the others' votes) on disk, and had sent its commits, but they
+    had not reached its disk when it crashed: its peers give them back (during its start-up
+    sync, or later), and it reveals them (its model gives the same commitment again), instead
+    of leaving them unrevealed."""
+    import zlib
+
+    import aiohttp
+    import numpy as np
+
+    from p2pml.ledger import Commit, Query, Votes, commitment, round_id
+    from p2pml.model import Model
+    from p2pml.store import RECORD_HEADER, RUNNING_FILE
+    from p2pml.wire import Identity, Verifier, pack_batch
+
+    def records(path) -> list[bytes]:
+        data, pos, out = (path / LOG_FILE).read_bytes(), len(LOG_MAGIC), []
+        while pos < len(data):
+            n, _ = RECORD_HEADER.unpack_from(data, pos)
+            out.append(data[pos + RECORD_HEADER.size : pos + RECORD_HEADER.size + n])
+            pos += RECORD_HEADER.size + n
+        return out
+
+    cluster = make_cluster(3)
+    await ask(cluster, ROWS)
+    cluster.wait_converged(timeout=10)
+    cluster.stop("cy")
+    answers = await ask(cluster, ROWS, targets=["ada"])
+    assert all(status == 200 for status, _, _ in answers)
+    rids = [bytes.fromhex(body["round"]) for _, body, _ in answers]
+    assert all(len(body["votes"]) == 2 for _, body, _ in answers)  # ada's and bo's
+    cluster.wait_converged(timeout=10, names=["ada", "bo"])
+    await asyncio.sleep(1.0)  # their votes reach ada's log in the background
+    cy_dir = cluster.data_root / "cy"
+    held = set(records(cy_dir))
+    extra = [r for r in records(cluster.data_root / "ada") if r not in held]
+    log_bytes = (cy_dir / LOG_FILE).read_bytes()  # as if cy had held them, durably:
+    (cy_dir / LOG_FILE).write_bytes(log_bytes + b"".join(
+        RECORD_HEADER.pack(len(r), zlib.crc32(r)) + r for r in extra))
+    genesis = bytes.fromhex(get_json(cluster.url("ada") + "/ledger")["genesis"])
+    verifier = Verifier(genesis)
+    rows = {}
+    for r in extra:
+        msg = verifier.open(r).msg
+        if isinstance(msg.body, Query):
+            rows.update((round_id(msg.id, i), row) for i, row in enumerate(msg.body.items))
+    cy = Identity.from_seed((cy_dir / "node.key").read_bytes())
+    model = Model(cluster.net.peers[2].model)
+    commits = []
+    for rid in rids:
+        ((label, proba),) = model.vote(np.array([rows[rid]]), [rid])
+        commits.append(Commit(rid, commitment(cy.key, rid, label, proba, cy.salt(rid))))
+    sent = cy.sign(genesis, Votes(10_000, tuple(commits), ()))  # sent, then lost in the crash
+
+    async def give_back(names):
+        async with aiohttp.ClientSession() as s:
+            for name in names:
+                async with s.post(cluster.url(name) + "/gossip", data=pack_batch([sent.raw]),
+                                  headers={"Content-Type": "application/msgpack"}) as r:
+                    assert r.status == 200
+
+    if back == "at start":
+        await give_back(["ada", "bo"])
+    (cy_dir / RUNNING_FILE).write_bytes(b"crashed\n")
+    cluster.start("cy")
+    await asyncio.to_thread(cluster.wait_healthy, 60, ["cy"])
+    if back == "later":
+        await give_back(["cy"])
+    cluster.wait_converged(timeout=15)
+    cy_id = next(pid for pid, p in get_json(cluster.url("ada") + "/ledger")["peers"].items()
+                 if p["name"] == "cy")
+    for rid in rids:
+        view = get_json(f"{cluster.url('ada')}/round/{rid.hex()}")
+        revealed = {v["peer"] for v in view["votes"] + view["late_votes"]}
+        assert cy_id in revealed and "cy" not in view["unrevealed"], view
+    assert get_json(cluster.url("cy") + "/health")["status"] == "ok"

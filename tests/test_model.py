@@ -203,3 +203,15 @@ def test_training_child_refuses_an_unknown_kind_clearly():
                        text=True, timeout=120, check=False)
     assert r.returncode == 2 and "unknown model kind 'resnet'" in r.stderr
     assert Model("knn", separate=True).kind == "knn"  # and a good one works
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_row_gets_the_same_answer_alone_and_in_any_batch(kind):
+    """A restarted node recomputes its commitments in other batches than the first time: the
+    fast path must give a row the same bits whatever rows come with it."""
+    m = _model(kind)
+    rows = _test_rows(kind)["random"][:64]
+    together = m.predict_proba(rows)
+    for i in range(len(rows)):
+        np.testing.assert_array_equal(m.predict_proba(rows[i : i + 1])[0], together[i])
+    np.testing.assert_array_equal(m.predict_proba(np.ascontiguousarray(rows[::-1]))[::-1], together)

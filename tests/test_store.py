@@ -382,16 +382,19 @@ def test_damaged_key_rejected(tmp_path, opened, size):
 
 def test_running_marker_tells_a_crash_from_a_clean_stop(tmp_path, opened):
     d = opened(tmp_path)
-    assert d.begin_run() is False  # a fresh data dir: nothing ran before
+    assert d.last_run_crashed() is False  # a fresh data dir: nothing ran before
+    d.begin_run()
+    d.begin_run()  # idempotent
     assert (tmp_path / RUNNING_FILE).exists()
     opened.close(d)  # closed without end_run: as after kill -9
     d = opened(tmp_path)
-    assert d.begin_run() is True
+    assert d.last_run_crashed() is True
     d.end_run()
     assert not (tmp_path / RUNNING_FILE).exists()
+    d.end_run()  # nothing to remove: no error
     opened.close(d)
     d = opened(tmp_path)
-    assert d.begin_run() is False
+    assert d.last_run_crashed() is False
 
 
 def test_second_data_dir_refused_while_open(tmp_path, opened):
