@@ -170,6 +170,7 @@ async def health(request: web.Request) -> web.Response:
                               "model": node.me.model, "behavior": node.model.behavior,
                               "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
                               "intake": node.stats, "pushes": node.gossip.pushes,
+                              "rebuilds": node.rebuilds,
                               "outbox_dropped": {n: link.dropped for n, link in node.gossip.links.items()},
                               "scores": node.scores.view(),
                               "connections": request.app[GUARD].view()})

@@ -19,6 +19,7 @@ NETWORK_SETTINGS = {
     "invalid_message_limit": (64, 1, 1_000_000),  # invalid messages (decaying) before a source is ignored
     "ignore_ms": (30_000, 0, 3_600_000),  # how long a source that hit the limit is ignored
     "idle_timeout_ms": (10_000, 100, 3_600_000),  # a connection with no request in progress for this long is closed
+    "rounds_in_memory": (8_192, 16, 100_000_000),  # rounds whose tables a node keeps; older ones are folded for good
 }
 
 
@@ -49,6 +50,7 @@ class NetworkConfig:
     invalid_message_limit: int = 64
     ignore_ms: int = 30_000
     idle_timeout_ms: int = 10_000
+    rounds_in_memory: int = 8_192
 
     def genesis(self) -> Genesis:
         return Genesis(tuple(Slot(p.name, p.model, p.key) for p in self.peers))

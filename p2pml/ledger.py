@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +54,7 @@ STATUS_EJECTED = "ejected"
 
 CHECKPOINT_EVERY = 8  # rounds between replay checkpoints (memory against replay time)
 OUTCOMES_KEPT = 8192  # outcomes of the latest rounds kept for answering clients
+PRUNE_EVERY = 4096  # messages between prunes while ``replay`` folds
 
 # Why ``Ledger.add`` holds a message back without judging it invalid: it may be valid later.
 NOT_A_MEMBER = "author holds no seat (no registration held for this key)"
@@ -440,6 +442,12 @@ class Ledger:
         self._bound: dict[bytes, bytes] = {}  # round -> what its issuer's commit in the query binds
         self._members: dict[bytes, str] = {}  # key -> peer id, for the members of genesis_state
         self._outcomes: dict[bytes, Outcome] = {}
+        # Rounds whose tables ``prune`` dropped, folded into the first checkpoint for good.
+        self._pruned: set[bytes] = set()
+        self._floor: tuple[int, bytes] | None = None  # the key of the last pruned round
+        # A held message touches a pruned round (or changes the seats after a prune): the state
+        # does not reflect it, and only a fold of every message can (``replay``).
+        self.stale = False
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -461,8 +469,11 @@ class Ledger:
             seats = self._assign_seats()
             # Membership changed (a key won, lost or changed seats): replay from genesis.
             if {k: m.id for k, m in seats.items()} != {k: m.id for k, m in self._seats.items()}:
-                self._checkpoints = []
-                self._mark_dirty(0)
+                if self._pruned:
+                    self.stale = True
+                else:
+                    self._checkpoints = []
+                    self._mark_dirty(0)
             self._seats = seats
         elif isinstance(body, Query):
             if body.commits and len(body.commits) != len(body.items):
@@ -470,6 +481,9 @@ class Ledger:
             for i in range(len(body.items)):
                 rid = round_id(msg.id, i)
                 key = (body.lamport, rid)
+                if self._floor is not None and key < self._floor:
+                    self.stale = True  # it sorts among the pruned rounds
+                    continue
                 self._queries[rid] = key
                 self._round_author[rid] = msg.author
                 if body.commits:  # the issuer's own vote, committed with the question
@@ -488,6 +502,9 @@ class Ledger:
                     return "a vote message holds at most one commit and one reveal per round"
             # The lowest id, not the first arrival: evidence must not depend on timing.
             for c in body.commits:
+                if c.round in self._pruned:
+                    self.stale = True
+                    continue
                 authors = self._commits.setdefault(c.round, {})
                 digests = authors.get(msg.author, ())
                 known = _get(digests, c.digest)
@@ -495,6 +512,9 @@ class Ledger:
                     authors[msg.author] = _with(digests, c.digest, msg.id)
                 self._touch(c.round)
             for r in body.reveals:
+                if r.round in self._pruned:
+                    self.stale = True
+                    continue
                 authors = self._reveals.setdefault(r.round, {})
                 contents = authors.get(msg.author, ())
                 content = (r.label, r.proba, r.salt)
@@ -602,6 +622,41 @@ class Ledger:
 
     def commits_of(self, key: bytes, rid: bytes) -> set[bytes]:
         return set(self._commits.get(rid, {}).get(key, ())[::2])
+
+    def is_pruned(self, rid: bytes) -> bool:
+        """Whether ``prune`` dropped this round's tables (it still counts in the state)."""
+        return rid in self._pruned
+
+    @property
+    def rounds_held(self) -> int:
+        """Rounds whose tables are in memory (those of the held queries not pruned)."""
+        return len(self._order)
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def prune(self, keep: int, before: tuple[int, bytes] | None = None) -> int:
+        """Drop the tables of the oldest rounds, all but the latest ``keep`` (and none from
+        the round key ``before`` on), once folded: their effect lives on in the checkpoint
+        that the fold starts from, so the state and root do not change and memory no longer
+        grows with the history. A message that touches a dropped round later cannot be
+        folded in: it is held, and sets ``stale`` (fold everything again with ``replay``).
+        Returns the number of rounds dropped (a multiple of CHECKPOINT_EVERY)."""
+        cut = len(self._order) - max(1, keep)  # the state after the last round is no checkpoint
+        if before is not None:
+            cut = min(cut, bisect.bisect_left(self._order, before))
+        cut = cut // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+        if cut <= 0:
+            return 0
+        self._settle()  # leaves a checkpoint before every CHECKPOINT_EVERY-th position
+        for _, rid in self._order[:cut]:
+            self._pruned.add(rid)
+            del self._queries[rid]
+            for table in (self._commits, self._reveals, self._round_author, self._bound, self._outcomes):
+                table.pop(rid, None)
+        self._floor = self._order[cut - 1]
+        del self._order[:cut]
+        del self._checkpoints[:cut // CHECKPOINT_EVERY]
+        return cut
 
     # -- the transition -----------------------------------------------------------------------
 
@@ -737,3 +792,42 @@ class Ledger:
         self._outcomes[rid] = Outcome(rid, consensus, votes, late=tuple(self._members[p.key] for p in late),
                                       late_votes=late_votes,
                                       unrevealed=tuple(self._members[p.key] for p in missing))
+
+
+def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: int) -> Ledger:
+    """A ledger holding the messages ``get(0)`` .. ``get(count - 1)``, with the same state as
+    adding them in any order, built without holding the tables of more than about ``keep``
+    rounds (plus PRUNE_EVERY messages' worth) at any time: the messages are added in the order
+    of the earliest round each touches, and what is behind them is pruned as it goes. For a
+    long history (at start-up, or when a message touched a pruned round: ``Ledger.stale``).
+    ``get`` decodes on demand (three times per message) so the caller need not hold them all
+    decoded at once."""
+    keys: dict[bytes, tuple[int, bytes]] = {}  # round -> its key, for every query
+    for i in range(count):
+        msg = get(i)
+        if isinstance(msg.body, Query):
+            for j in range(len(msg.body.items)):
+                rid = round_id(msg.id, j)
+                keys[rid] = (msg.body.lamport, rid)
+    last = (1 << 64, b"")  # after every round: votes on rounds whose query is not held
+    firsts: list[tuple[tuple[int, bytes], int]] = []
+    for i in range(count):
+        msg = get(i)
+        body = msg.body
+        if isinstance(body, Register):
+            first = (-1, b"")  # seats first: a later registration would make the ledger stale
+        elif isinstance(body, Query):
+            first = min((keys[round_id(msg.id, j)] for j in range(len(body.items))), default=last)
+        else:
+            first = min((keys.get(item.round, last) for items in (body.commits, body.reveals)
+                         for item in items), default=last)
+        firsts.append((first, i))
+    del keys
+    firsts.sort()
+    ledger = Ledger(genesis)
+    for n, (first, i) in enumerate(firsts):
+        if n % PRUNE_EVERY == 0 and n:
+            ledger.prune(keep, before=first)
+        ledger.add(get(i))
+    ledger.prune(keep)
+    return ledger

@@ -24,6 +24,7 @@ from p2pml.ledger import (
     DEPOSIT,
     NOT_A_MEMBER,
     PROBA_ONE,
+    PRUNE_EVERY,
     Commit,
     Ledger,
     Message,
@@ -35,6 +36,7 @@ from p2pml.ledger import (
     is_active,
     peer_id,
     query_binding,
+    replay,
     round_id,
 )
 from p2pml.model import Model, one_hot
@@ -127,6 +129,9 @@ class Node:
         # after a crash: rounds held at start that we did not vote on, in case a commit of ours
         # that the crash lost shows up (then we reveal it): round -> (round, row, issuer)
         self._unvoted: dict[bytes, tuple] = {}
+        # While the ledger is rebuilt (``_rebuild``): what was held since, for the new one.
+        self._rebuild_tail: list[Message] | None = None
+        self.rebuilds = 0
         self._load()
 
     # -- start-up and shutdown ------------------------------------------------------------------
@@ -135,13 +140,21 @@ class Node:
         """Rebuild everything from the log; then make sure this node is registered."""
         records = self.data.read_log()
         self._loading = True
-        for raw in records:
+        keep = self.net.rounds_in_memory
+        for n, raw in enumerate(records):
             try:
                 signed = self.verifier.open(raw)
             except WireError as exc:  # a record that passed its CRC but not verification
                 log.warning("log record ignored: %s", exc)
                 continue
             self._hold(signed, log_it=False)
+            if n % PRUNE_EVERY == PRUNE_EVERY - 1 and self.ledger.prune(keep):
+                for issuer, queue in list(self._to_vote.items()):  # nothing to vote on there
+                    self._to_vote[issuer] = collections.deque(
+                        item for item in queue if not self.ledger.is_pruned(item[0]))
+        if self.ledger.stale:  # the log holds messages that came long after their rounds
+            raws = list(self.holdings.raw.values())
+            self.ledger = replay(self.genesis, len(raws), lambda i: self.verifier.reopen(raws[i]), keep)
         self._loading = False
         # Of the history just read, vote only where it can still count: rounds committed to
         # but not revealed (a restart in between), and rounds nobody has revealed on yet (on
@@ -239,6 +252,10 @@ class Node:
         reason = self.ledger.add(msg)
         if reason:
             return reason
+        if self._rebuild_tail is not None:
+            self._rebuild_tail.append(msg)
+        elif self.ledger.stale and not self._loading:
+            self._start_rebuild()
         self.holdings.add(msg.id, signed.raw)
         if log_it:
             self.data.append([signed.raw])
@@ -509,6 +526,9 @@ class Node:
             return  # never risk a conflicting vote under a key someone else is using
         me = self.identity.key
         behavior = self.model.behavior
+        # a round folded for good (``Ledger.prune``) is thousands of rounds old: a vote on it
+        # would be late, never counted, and would only make every ledger rebuild
+        batch = [item for item in batch if not self.ledger.is_pruned(item[0])]
         fresh = [item for item in batch if not self.ledger.commits_of(me, item[0])]
         # After a restart: rounds committed to whose reveal is not held. The model gives the
         # same vote again; the commitment tells whether it did.
@@ -657,7 +677,7 @@ class Node:
 
     def round_view(self, rid: bytes) -> dict | None:
         """How this node's ledger decided a round (None: no query for it is held)."""
-        if rid not in self.ledger.queries:
+        if rid not in self.ledger.queries and not self.ledger.is_pruned(rid):
             return None
         view = self.answer(rid, None)
         # settled: decided by at least one counted vote; None: too old, its outcome not kept
@@ -725,6 +745,9 @@ class Node:
         view["genesis"] = self.genesis_id.hex()
         view["messages"] = len(self.holdings)
         view["lamport"] = self.ledger.lamport
+        # whether a message on a round folded for good is not counted yet (being rebuilt)
+        view["stale"] = self.ledger.stale
+        view["rounds_in_memory"] = self.ledger.rounds_held
         return view
 
     def _write_ledger(self) -> None:
@@ -732,9 +755,41 @@ class Node:
         self.data.write_ledger(view)
         self._written_root = view["root"]
 
+    def _start_rebuild(self) -> None:
+        self._rebuild_tail = []
+        task = asyncio.get_running_loop().create_task(self._rebuild(), name="rebuild")
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _rebuild(self) -> None:
+        """A held message touches a round the ledger pruned (a peer back from a long partition,
+        or one replaying old rounds): fold every held message again, in a thread, while this
+        ledger goes on answering (without that message's effect) meanwhile."""
+        started = time.monotonic()
+        raws = list(self.holdings.raw.values())
+        try:
+            fresh = await asyncio.to_thread(replay, self.genesis, len(raws),
+                                            lambda i: self.verifier.reopen(raws[i]),
+                                            self.net.rounds_in_memory)
+            for msg in self._rebuild_tail:
+                fresh.add(msg)
+        except Exception:  # pragma: no cover - every held message was valid once
+            log.exception("could not rebuild the ledger; it stays stale")
+            return
+        finally:
+            self._rebuild_tail = None
+        self.ledger = fresh
+        self.rebuilds += 1
+        log.warning("a message reached back past the %d rounds kept in memory: ledger rebuilt "
+                    "from %d messages in %.1f s; root %s", self.net.rounds_in_memory, len(raws),
+                    time.monotonic() - started, fresh.root()[:16])
+        if fresh.stale:  # something reached back again meanwhile
+            self._start_rebuild()
+
     async def _ledger_writer(self) -> None:
         while True:
             await asyncio.sleep(LEDGER_WRITE_INTERVAL_S)
+            self.ledger.prune(self.net.rounds_in_memory)
             view = self.ledger_view()
             if view["root"] != self._written_root:
                 try:

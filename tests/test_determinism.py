@@ -148,3 +148,110 @@ def test_outcomes_match_replay(msgs):
             for i in range(len(m.body.items)):
                 rid = L.round_id(m.id, i)
                 assert inc.outcome(rid) == ref.outcome(rid)
+
+
+def round_order(msgs) -> list:
+    """Messages in the order of the earliest round each touches (registrations first): the
+    order in which a node that never falls behind gets them, roughly."""
+    keys = {L.round_id(m.id, i): (m.body.lamport, L.round_id(m.id, i))
+            for m in msgs if isinstance(m.body, L.Query) for i in range(len(m.body.items))}
+    last = (1 << 64, b"")
+
+    def first(m):
+        body = m.body
+        if isinstance(body, L.Register):
+            return (-1, b"")
+        if isinstance(body, L.Query):
+            return min(keys[L.round_id(m.id, i)] for i in range(len(body.items)))
+        return min((keys.get(x.round, last) for x in body.commits + body.reveals), default=last)
+    return sorted(msgs, key=lambda m: (first(m), m.id))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(msgs=histories(), data=st.data())
+def test_pruning_keeps_the_root_or_says_it_is_stale(msgs, data):
+    """Dropping old rounds' tables (``prune``) never changes the root; a message that arrives
+    later on a dropped round sets ``stale`` rather than leaving a wrong root unnoticed, and
+    ``replay`` of the same messages, in any order, gives the root of the full fold."""
+    expected = reference_root(msgs)
+    order = round_order(msgs)
+    for _ in range(data.draw(st.integers(0, 6))):  # some messages come late
+        k = data.draw(st.integers(0, len(order) - 1))
+        order.insert(data.draw(st.integers(k, len(order) - 1)), order.pop(k))
+    prunes = data.draw(st.dictionaries(st.integers(0, len(msgs)), st.integers(1, 6), max_size=12))
+    lg = L.Ledger(NET.genesis)
+    pending = []
+    for k, m in enumerate(order):
+        if k in prunes:
+            before = lg.root()
+            lg.prune(prunes[k])
+            assert lg.rounds_held < max(prunes[k], 1) + L.CHECKPOINT_EVERY
+            if not lg.stale:
+                assert lg.root() == before
+        if lg.add(m) is not None:
+            pending.append(m)
+    assert deliver(lg, pending) == []
+    assert len(lg.held) == len({m.id for m in msgs})
+    if not lg.stale:
+        assert lg.root() == expected
+    keep = data.draw(st.integers(1, 6))
+    again = L.replay(NET.genesis, len(order), data.draw(st.permutations(order)).__getitem__, keep)
+    assert not again.stale
+    assert again.root() == expected
+    assert again.rounds_held < keep + L.CHECKPOINT_EVERY
+
+
+def test_a_message_on_a_pruned_round_makes_the_ledger_stale():
+    """Each way a late message can reach behind a prune: a reveal, a commit, a query that
+    sorts among the pruned rounds, a registration that changes the seats."""
+    def pruned():
+        lg = L.Ledger(NET.genesis)
+        for m in NET.registrations()[:4]:  # the fifth seat is taken late
+            lg.add(m)
+        rounds = []
+        for n in range(8):
+            q, rids = NET.query(n % 4, 10 + n, 1)
+            lg.add(q)
+            rounds += rids
+            lg.add(NET.commit(1, 1, [(rids[0], 0)]))
+        assert lg.prune(2) == 6 and not lg.stale
+        assert all(lg.is_pruned(r) for r in rounds[:6]) and not lg.is_pruned(rounds[6])
+        return lg, rounds
+    lg, rounds = pruned()
+    lg.add(NET.reveal(1, 1, [(rounds[7], 0)]))
+    assert not lg.stale  # a round still held
+    for late in (NET.reveal(1, 1, [(rounds[0], 0)]), NET.commit(2, 1, [(rounds[5], 1)]),
+                 NET.query(3, 1, 1)[0], NET.register(4)):
+        lg, _ = pruned()
+        assert lg.add(late) is None and late.id in lg.held
+        assert lg.stale
+    lg, _ = pruned()
+    lg.add(NET.query(3, 17, 1)[0])  # after the last pruned round (lamport 15): held as usual
+    assert not lg.stale
+
+
+def test_replay_prunes_as_it_goes_and_matches_the_full_fold(monkeypatch):
+    """A long history: ``replay`` never holds much more than ``keep`` rounds' tables, yet gives
+    the state of a fold that kept them all."""
+    monkeypatch.setattr(L, "PRUNE_EVERY", 5)
+    msgs = list(NET.registrations())
+    for n in range(60):
+        q, rids = NET.query(n % 5, n + 1, 2)
+        msgs.append(q)
+        for voter in range(5):
+            msgs.append(NET.commit(voter, n + 1, [(rid, (voter + n) % 3 // 2) for rid in rids]))
+            msgs.append(NET.reveal(voter, n + 1, [(rid, (voter + n) % 3 // 2) for rid in rids],
+                                   seen=frozenset(range(5))))
+    held = []
+    real_prune = L.Ledger.prune
+
+    def prune(self, keep, before=None):
+        held.append(self.rounds_held)
+        return real_prune(self, keep, before)
+
+    monkeypatch.setattr(L.Ledger, "prune", prune)
+    again = L.replay(NET.genesis, len(msgs), msgs[::-1].__getitem__, 8)
+    assert again.root() == reference_root(msgs)
+    assert again.state.rounds == 120
+    assert max(held) <= 8 + 3 + 5 * 2  # keep, a checkpoint's worth, a prune interval's queries
+    assert again.rounds_held < 8 + 3

@@ -78,3 +78,62 @@ async def test_two_misbehaving_peers_lose_stake_and_the_network_stays_right(make
     ledgers = cluster.wait_converged(timeout=20)
     assert len(ledgers) == 5 and len({lg["root"] for lg in ledgers.values()}) == 1
     assert all(lg["rounds"] >= 100 for lg in ledgers.values())
+
+
+async def test_old_rounds_leave_memory_and_a_message_reaching_back_is_still_counted(make_cluster):
+    """With ``rounds_in_memory`` small, every node drops the tables of older rounds; a valid
+    message on one of them (here a reveal by bo that contradicts its commit, which costs bo
+    half its stake) makes each node rebuild its ledger, and all agree with a fold of the whole
+    log that never dropped anything."""
+    from p2pml.cluster import get_json
+    from p2pml.ledger import CHECKPOINT_EVERY, Ledger, Reveal, Votes
+    from p2pml.store import DataDir
+    from p2pml.wire import Identity, Verifier, pack_batch
+
+    keep = 16
+    cluster = make_cluster(3, rounds_in_memory=keep)
+    iris = load_iris()
+    answers = await ask(cluster, iris.data[::2][:60], concurrency=2)
+    assert all(status == 200 for status, _, _ in answers)
+    await asyncio.sleep(1.5)  # each node prunes once a second
+    ledgers = cluster.wait_converged(timeout=10)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    assert all(lg["rounds_in_memory"] < keep + CHECKPOINT_EVERY and not lg["stale"]
+               for lg in ledgers.values()), ledgers
+    assert all(lg["rounds"] >= 60 for lg in ledgers.values())
+
+    oldest = bytes.fromhex(answers[0][1]["round"])
+    bo = Identity.from_seed((cluster.data_root / "bo" / "node.key").read_bytes())
+    genesis_id = cluster.net.genesis().id()
+    late = bo.sign(genesis_id, Votes(1, (), (Reveal(oldest, 2, (0, 0, 1_000_000), b"\0" * 16,
+                                                    frozenset()),)))
+    async with aiohttp.ClientSession() as s, s.post(
+            cluster.url("ada") + "/gossip", data=pack_batch([late.raw]),
+            headers={"Content-Type": "application/msgpack"}) as r:
+        assert r.status == 200 and (await r.json())["accepted"] == 1
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ledgers = cluster.ledgers()
+        if len({lg["root"] for lg in ledgers.values()}) == 1 and not any(lg["stale"] for lg in ledgers.values()) \
+                and all(lg["messages"] == ledgers["ada"]["messages"] for lg in ledgers.values()):
+            break
+        await asyncio.sleep(0.2)
+    assert len({lg["root"] for lg in ledgers.values()}) == 1, ledgers
+    for lg in ledgers.values():
+        peer = next(p for p in lg["peers"].values() if p["name"] == "bo")
+        assert peer["reason"] == "reveal does not match its commit" and peer["stake"] <= DEPOSIT // 2
+        assert peer["equivocation"][0] == oldest.hex()
+    for name in cluster.names:
+        health = get_json(cluster.url(name) + "/health")
+        assert health["rebuilds"] >= 1, (name, health)
+
+    root = ledgers["ada"]["root"]
+    cluster.stop()
+    data = DataDir(cluster.data_root / "ada")
+    full = Ledger(cluster.net.genesis())
+    verifier = Verifier(genesis_id)
+    for raw in data.read_log():
+        full.add(verifier.open(raw).msg)
+    data.close()
+    assert full.root() == root and full.rounds_held >= 60
