@@ -15,9 +15,10 @@ lacks and pushes the ones the peer lacks. Converges with no clock and no coordin
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 import msgpack
@@ -51,28 +52,71 @@ PROOF_REFRESH_S = 60  # a node re-signs its link proofs this often
 
 
 class Holdings:
-    """The envelopes a node holds, by message id, with the bucket digest anti-entropy compares."""
+    """The envelopes a node holds, by message id, with the bucket digest anti-entropy compares.
 
-    def __init__(self):
-        self.raw: dict[bytes, bytes] = {}
+    With a ``read`` (the log's ``read_at``), only the latest ``in_memory`` envelopes stay in
+    memory; older ones, once durable at their offset in the log (below ``durable()``), are
+    read back from it when asked for: a long-running node's memory does not grow with them."""
+
+    def __init__(self, in_memory: int = 0, read: Callable[[int], bytes | None] | None = None,
+                 durable: Callable[[], int] = lambda: 0):
+        self._recent: dict[bytes, tuple[bytes, int | None]] = {}  # id -> (envelope, log offset)
+        self._arrival: collections.deque[bytes] = collections.deque()  # ids in _recent, oldest first
+        self._stored: dict[bytes, int] = {}  # id -> log offset, envelope not in memory
+        self._in_memory, self._read, self._durable = in_memory, read, durable
         self._count = [0] * BUCKETS
         self._xor = [0] * BUCKETS
         self._ids: list[list[bytes]] = [[] for _ in range(BUCKETS)]
 
     def __contains__(self, mid: bytes) -> bool:
-        return mid in self.raw
+        return mid in self._recent or mid in self._stored
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return len(self._recent) + len(self._stored)
 
-    def add(self, mid: bytes, raw: bytes) -> None:
-        if mid in self.raw:
+    def get(self, mid: bytes) -> bytes | None:
+        """The envelope, from memory or the log; None if not held (or the log lost it). Safe
+        from another thread: an entry moves to ``_stored`` before it leaves ``_recent``."""
+        found = self._recent.get(mid)
+        if found is not None:
+            return found[0]
+        offset = self._stored.get(mid)
+        return None if offset is None else self._read(offset)
+
+    def ids(self) -> Iterator[bytes]:
+        yield from self._stored
+        yield from self._recent
+
+    def recent(self) -> Iterator[tuple[bytes, bytes]]:
+        """(id, envelope) of those in memory."""
+        return ((mid, raw) for mid, (raw, _) in self._recent.items())
+
+    def add(self, mid: bytes, raw: bytes, offset: int | None = None) -> None:
+        """Hold ``raw``; ``offset``: where the log has (or will have) it."""
+        if mid in self:
             return
-        self.raw[mid] = raw
+        self._recent[mid] = (raw, offset)
+        if self._read is not None:
+            self._arrival.append(mid)
+            self._spill()
         b = mid[0]
         self._count[b] += 1
         self._xor[b] ^= int.from_bytes(mid, "big")
         self._ids[b].append(mid)
+
+    def _spill(self) -> None:
+        """Leave the oldest envelopes to the log, once they are durable there."""
+        if len(self._arrival) <= self._in_memory:
+            return
+        durable = self._durable()
+        while len(self._arrival) > self._in_memory:
+            mid = self._arrival[0]
+            offset = self._recent[mid][1]
+            if offset is None or offset >= durable:  # (durable_end is a record boundary)
+                return  # not in the log (yet): kept; the next add tries again
+            self._stored[mid] = offset
+            del self._recent[mid]
+            self._arrival.popleft()
 
     def summary(self) -> list:
         return [[c, x.to_bytes(32, "big")] for c, x in zip(self._count, self._xor)]
@@ -397,7 +441,8 @@ class Gossip:
                 return
             await self._ingest_batch(batch, f"peer {link.cfg.name}")
         valid = [b for b in buckets if type(b) is int and 0 <= b < BUCKETS]
-        extra = [self.holdings.raw[i] for i in self.holdings.ids_in(valid) if i not in their_ids]
+        extra = [raw for i in self.holdings.ids_in(valid)
+                 if i not in their_ids and (raw := self.holdings.get(i)) is not None]
         if extra:
             self._enqueue(link, extra[:MAX_OUTBOX])
 
@@ -432,7 +477,7 @@ class Gossip:
             raise ValueError(f"/fetch takes a list of at most {MAX_BATCH_MESSAGES} message ids")
         raws, size = [], 8
         for i in ids:
-            raw = self.holdings.raw.get(i) if type(i) is bytes else None
+            raw = self.holdings.get(i) if type(i) is bytes else None
             if raw is not None:
                 if size + len(raw) > MAX_BATCH_BYTES:
                     break

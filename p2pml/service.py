@@ -40,7 +40,7 @@ from p2pml.ledger import (
     round_id,
 )
 from p2pml.model import Model, one_hot
-from p2pml.store import DataDir
+from p2pml.store import DataDir, StoreError
 from p2pml.wire import (
     MAX_ITEMS,
     MAX_LAMPORT,
@@ -87,7 +87,8 @@ class Node:
         self.id = peer_id(self.identity.key)
         self.ledger = Ledger(self.genesis)
         self.verifier = Verifier(self.genesis_id)
-        self.holdings = Holdings()
+        # envelopes of about the latest rounds_in_memory rounds in memory, older ones in the log
+        self.holdings = Holdings(2 * net.rounds_in_memory, self._read_logged, lambda: data.durable_end)
         self.model = Model(me.model, behavior, self.identity.key, separate=True)
         self.scores = Scores(net.invalid_message_limit, net.ignore_ms / 1000)
         self.gossip = Gossip(me.name, [p for p in net.peers if p.name != me.name], self.holdings,
@@ -138,23 +139,25 @@ class Node:
 
     def _load(self) -> None:
         """Rebuild everything from the log; then make sure this node is registered."""
-        records = self.data.read_log()
+        records = self.data.read_records()
         self._loading = True
         keep = self.net.rounds_in_memory
-        for n, raw in enumerate(records):
+        for n, (offset, raw) in enumerate(records):
             try:
                 signed = self.verifier.open(raw)
             except WireError as exc:  # a record that passed its CRC but not verification
                 log.warning("log record ignored: %s", exc)
                 continue
-            self._hold(signed, log_it=False)
+            self._hold(signed, offset=offset)
             if n % PRUNE_EVERY == PRUNE_EVERY - 1 and self.ledger.prune(keep):
                 for issuer, queue in list(self._to_vote.items()):  # nothing to vote on there
                     self._to_vote[issuer] = collections.deque(
                         item for item in queue if not self.ledger.is_pruned(item[0]))
+        loaded = len(records)
+        del records
         if self.ledger.stale:  # the log holds messages that came long after their rounds
-            raws = list(self.holdings.raw.values())
-            self.ledger = replay(self.genesis, len(raws), lambda i: self.verifier.reopen(raws[i]), keep)
+            ids = list(self.holdings.ids())
+            self.ledger = replay(self.genesis, len(ids), lambda i: self._held_message(ids[i]), keep)
         self._loading = False
         # Of the history just read, vote only where it can still count: rounds committed to
         # but not revealed (a restart in between), and rounds nobody has revealed on yet (on
@@ -171,7 +174,7 @@ class Node:
                 self._to_vote[issuer] = keep
             else:
                 del self._to_vote[issuer]
-        log.info("loaded %d messages from %s; ledger root %s", len(records), self.data.path,
+        log.info("loaded %d messages from %s; ledger root %s", loaded, self.data.path,
                  self.ledger.root()[:16])
         if not self.ledger.is_registered(self.identity.key):
             self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
@@ -199,9 +202,8 @@ class Node:
             asyncio.create_task(self._vote_loop(), name="votes"),
             asyncio.create_task(self._ledger_writer(), name="ledger-writer"),
         ]
-        own = [raw for mid, raw in self.holdings.raw.items()
-               if self.ledger.held[mid] == self.identity.key]
-        self.gossip.broadcast(own)  # announce ourselves (and anything we signed while away)
+        own = [raw for mid, raw in self.holdings.recent() if self.ledger.held[mid] == self.identity.key]
+        self.gossip.broadcast(own)  # announce ourselves (and anything we signed lately)
 
     def _after_crash(self) -> None:
         """Our votes leave before they are durable (``_vote``), so a crash may have lost commits
@@ -245,9 +247,9 @@ class Node:
 
     # -- intake ---------------------------------------------------------------------------------
 
-    def _hold(self, signed: Signed, log_it: bool = True) -> str | None:
-        """Accept a verified message: ledger, holdings (what peers are served from) and, if
-        ``log_it``, the log. Returns a rejection reason or None."""
+    def _hold(self, signed: Signed, offset: int | None = None) -> str | None:
+        """Accept a verified message: ledger, holdings (what peers are served from) and, unless
+        it was read from the log at ``offset``, the log. Returns a rejection reason or None."""
         msg = signed.msg
         reason = self.ledger.add(msg)
         if reason:
@@ -256,9 +258,9 @@ class Node:
             self._rebuild_tail.append(msg)
         elif self.ledger.stale and not self._loading:
             self._start_rebuild()
-        self.holdings.add(msg.id, signed.raw)
-        if log_it:
-            self.data.append([signed.raw])
+        if offset is None:
+            offset = self.data.append([signed.raw])[0]
+        self.holdings.add(msg.id, signed.raw, offset)
         body = msg.body
         if isinstance(body, Register):
             if self.ledger.is_member(msg.author):
@@ -724,11 +726,26 @@ class Node:
             "commit": cv.commit.hex(),
         }
 
+    def _read_logged(self, offset: int) -> bytes | None:
+        try:
+            return self.data.read_at(offset)
+        except (OSError, StoreError) as exc:  # the log was changed under this node
+            log.error("%s", exc)
+            return None
+
+    def _held_message(self, mid: bytes) -> Message:
+        """A held message decoded again (for ``replay``; safe in another thread)."""
+        raw = self.holdings.get(mid)
+        if raw is None:
+            raise StoreError(f"message {mid.hex()[:16]} is held but cannot be read back")
+        return self.verifier.reopen(raw)
+
     def signature_of(self, mid: bytes) -> bytes:
-        return msgpack.unpackb(self.holdings.raw[mid])[2]
+        raw = self.holdings.get(mid)
+        return b"" if raw is None else msgpack.unpackb(raw)[2]
 
     def message(self, mid: bytes) -> dict | None:
-        raw = self.holdings.raw.get(mid)
+        raw = self.holdings.get(mid)
         if raw is None:
             return None
         key, body, sig = msgpack.unpackb(raw)
@@ -766,10 +783,10 @@ class Node:
         or one replaying old rounds): fold every held message again, in a thread, while this
         ledger goes on answering (without that message's effect) meanwhile."""
         started = time.monotonic()
-        raws = list(self.holdings.raw.values())
+        ids = list(self.holdings.ids())
         try:
-            fresh = await asyncio.to_thread(replay, self.genesis, len(raws),
-                                            lambda i: self.verifier.reopen(raws[i]),
+            fresh = await asyncio.to_thread(replay, self.genesis, len(ids),
+                                            lambda i: self._held_message(ids[i]),
                                             self.net.rounds_in_memory)
             for msg in self._rebuild_tail:
                 fresh.add(msg)
@@ -781,7 +798,7 @@ class Node:
         self.ledger = fresh
         self.rebuilds += 1
         log.warning("a message reached back past the %d rounds kept in memory: ledger rebuilt "
-                    "from %d messages in %.1f s; root %s", self.net.rounds_in_memory, len(raws),
+                    "from %d messages in %.1f s; root %s", self.net.rounds_in_memory, len(ids),
                     time.monotonic() - started, fresh.root()[:16])
         if fresh.stale:  # something reached back again meanwhile
             self._start_rebuild()

@@ -38,12 +38,12 @@ RUNNING_FILE = "running"
 BACKGROUND_COMMIT_DELAY_S = 0.2
 
 
-def _resolve(fut: asyncio.Future, error: Exception | None) -> None:
+def _resolve(fut: asyncio.Future, outcome: int | Exception) -> None:
     if not fut.done():
-        if error is None:
-            fut.set_result(None)
+        if isinstance(outcome, Exception):
+            fut.set_exception(outcome)
         else:
-            fut.set_exception(error)
+            fut.set_result(outcome)
 
 
 class StoreError(RuntimeError):
@@ -90,6 +90,11 @@ class DataDir:
         self._jobs: queue.SimpleQueue | None = None  # to the writer thread, started on first use
         self._writer_thread: threading.Thread | None = None
         self.damaged_tail = 0  # bytes cut off the log's end at the last read_log
+        # Where the next appended record will start, and how far the log is durable: a record
+        # is read back by its offset (``read_at``) once it is below ``durable_end``.
+        self._end = 0
+        self.durable_end = 0
+        self._reader: int | None = None  # a read-only descriptor for read_at
 
     # -- key ------------------------------------------------------------------------------------
 
@@ -115,7 +120,13 @@ class DataDir:
 
     def read_log(self) -> list[bytes]:
         """All intact records; a damaged tail is logged and truncated away."""
+        return [payload for _, payload in self.read_records()]
+
+    def read_records(self) -> list[tuple[int, bytes]]:
+        """All intact records with their offsets (for ``read_at``); a damaged tail is logged
+        and truncated away. Appends go after them."""
         path = self.path / LOG_FILE
+        self._end = self.durable_end = len(LOG_MAGIC)
         if not path.exists():
             write_atomic(path, LOG_MAGIC)
             return []
@@ -138,7 +149,7 @@ class DataDir:
             payload = data[pos + RECORD_HEADER.size : end]
             if zlib.crc32(payload) != crc:
                 break
-            records.append(payload)
+            records.append((pos, payload))
             pos = end
         if pos < len(data):
             self.damaged_tail = len(data) - pos
@@ -148,26 +159,53 @@ class DataDir:
                 f.truncate(pos)
                 f.flush()
                 os.fsync(f.fileno())
+        self._end = self.durable_end = pos
         return records
+
+    def read_at(self, offset: int) -> bytes:
+        """The record at ``offset`` (as ``append`` or ``read_records`` gave it), once durable.
+        Raises StoreError if it is not there intact (the file was changed under the node)."""
+        if self._reader is None:
+            self._reader = os.open(self.path / LOG_FILE, os.O_RDONLY)
+        header = os.pread(self._reader, RECORD_HEADER.size, offset)
+        if len(header) == RECORD_HEADER.size:
+            length, crc = RECORD_HEADER.unpack(header)
+            if length <= MAX_RECORD_BYTES:
+                payload = os.pread(self._reader, length, offset + RECORD_HEADER.size)
+                if len(payload) == length and zlib.crc32(payload) == crc:
+                    return payload
+        raise StoreError(f"{self.path / LOG_FILE}: no intact record at offset {offset}")
 
     def _open_log(self):
         if self._log is None:
             self._log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - held open for appends
         return self._log
 
-    def append(self, raws: list[bytes]) -> None:
-        """Queue records; they are written and fsynced by the next ``commit``."""
+    def append(self, raws: list[bytes]) -> list[int]:
+        """Queue records; they are written and fsynced by the next ``commit``. Returns where
+        each will be: records are written in this order, and a failed write is cut back off and
+        retried first, so the offsets hold (``read_at`` them once below ``durable_end``)."""
+        if not self._end:  # appending without having read the log: after what is there
+            path = self.path / LOG_FILE
+            self._end = self.durable_end = path.stat().st_size if path.exists() else 0
         self._pending.extend(raws)
+        offsets = []
+        for raw in raws:
+            offsets.append(self._end)
+            self._end += RECORD_HEADER.size + len(raw)
+        return offsets
 
-    def _write(self, records: list[bytes]) -> None:
+    def _write(self, records: list[bytes]) -> int:
         """Append and fsync; on failure cut the file back to where it was, so that a torn
-        write never sits in front of records written (and acknowledged) after it."""
+        write never sits in front of records written (and acknowledged) after it. Returns
+        the log's durable end."""
         f = self._open_log()
         start = f.tell()
         try:
             f.write(b"".join(RECORD_HEADER.pack(len(r), zlib.crc32(r)) + r for r in records))
             f.flush()
             os.fsync(f.fileno())
+            return f.tell()
         except OSError:
             self._log = None
             f.close()
@@ -218,8 +256,7 @@ class DataDir:
         while (job := jobs.get()) is not None:
             records, loop, done = job
             try:
-                self._write(records)
-                outcome = None
+                outcome = self._write(records)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting commit
                 outcome = exc
             try:
@@ -248,12 +285,14 @@ class DataDir:
             self._commit = None
         if not fut.cancelled() and fut.exception() is not None:
             log.error("writing %s failed: %s", self.path / LOG_FILE, fut.exception())
+        elif not fut.cancelled():
+            self.durable_end = max(self.durable_end, fut.result())
 
     def commit_now(self) -> None:
         """Synchronous commit, for start-up and shutdown."""
         records, self._pending = self._pending, []
         if records:
-            self._write(records)
+            self.durable_end = self._write(records)
 
     # -- running marker -------------------------------------------------------------------------
 
@@ -293,4 +332,7 @@ class DataDir:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._reader is not None:
+            os.close(self._reader)
+            self._reader = None
         os.close(self._lock_fd)

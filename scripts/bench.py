@@ -146,7 +146,9 @@ async def run(args, cluster: LocalCluster, baseline_url: str, baseline_pid: int)
             for target in (base, p2p):
                 await concurrent(session, target, rows, args.clients, args.seconds / LOAD_SLICES)
         p2p.results["roots_agree_s"] = wait_roots(cluster, 30)
-        p2p.results["rounds"] = max(lg["rounds"] for lg in cluster.ledgers().values())
+        ledgers = cluster.ledgers().values()
+        p2p.results["rounds"] = max(lg["rounds_in_memory"] for lg in ledgers)
+        p2p.results["rounds_kept"] = cluster.net.rounds_in_memory
         p2p.results["rss_end_mb"] = max(rss_mb(p) for p in p2p.pids)
         for target in (base, p2p):
             summarize(target)
@@ -175,10 +177,11 @@ def report(base: Target, p2p: Target, args) -> None:
           f"{p2p.results['seq_ratio_median']:.2f}")
     # Every node keeps every round it saw: how fast it grows, and where that leads.
     start, end, rounds = p2p.results["rss_start_mb"], p2p.results["rss_end_mb"], p2p.results["rounds"]
+    keep = p2p.results["rounds_kept"]
     per_round_kb = (end - start) * 1024 / max(1, rounds)
-    reach = f"; 200 MB at about {(200 - start) * 1024 / per_round_kb:,.0f} rounds" if per_round_kb > 0 else ""
-    print(f"p2pml node memory: {start:.0f} MB at start, {end:.0f} MB holding {rounds} rounds: "
-          f"{per_round_kb:.1f} KB a round{reach}")
+    print(f"p2pml node memory: {start:.0f} MB at start, {end:.0f} MB holding {rounds} rounds in memory: "
+          f"{per_round_kb:.1f} KB a round; at most {keep} are held (about "
+          f"{start + keep * per_round_kb / 1024:.0f} MB), older ones leave memory")
 
 
 def main() -> int:

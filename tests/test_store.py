@@ -462,3 +462,71 @@ async def test_failed_write_is_cut_back_and_retried(tmp_path, opened, monkeypatc
     monkeypatch.setattr(os, "fsync", real_fsync)
     opened.close(d)
     assert reread(tmp_path, opened) == [b"first", b"second", b"third"]
+
+
+async def test_records_are_read_back_by_the_offset_append_gave(tmp_path, opened, monkeypatch):
+    """What lets a node keep old envelopes on disk only: ``append`` says where each record will
+    be, ``durable_end`` says when it is there, ``read_at`` reads it back, after a failed and
+    retried write and after a restart (``read_records`` gives the same offsets)."""
+    d = opened(tmp_path)
+    d.read_log()
+    recs = records(6, size=37) + [b""]
+    where = d.append(recs[:3])
+    assert d.durable_end <= where[0]
+    await d.commit()
+    assert d.durable_end > where[-1]
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    where += d.append(recs[3:5])
+    with pytest.raises(OSError):
+        await d.commit()
+    assert d.durable_end <= where[3]  # cut back: not there
+    where += d.append(recs[5:])
+    await d.commit()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert [d.read_at(w) for w in where] == recs
+    for bad in (where[1] + 1, d.durable_end, 0):
+        with pytest.raises(StoreError, match="no intact record"):
+            d.read_at(bad)
+    opened.close(d)
+    d = opened(tmp_path)
+    assert d.read_records() == list(zip(where, recs))
+    assert d.append([b"after"]) == [d.durable_end]
+    d.commit_now()
+    assert d.read_at(d.read_records()[-1][0]) == b"after"
+
+
+async def test_holdings_keep_only_the_latest_envelopes_in_memory(tmp_path, opened):
+    """Older envelopes leave memory once durable in the log, and are read back from it;
+    one not yet durable stays in memory whatever its age."""
+    import hashlib
+
+    from p2pml.gossip import Holdings
+
+    d = opened(tmp_path)
+    d.read_log()
+    h = Holdings(2, d.read_at, lambda: d.durable_end)
+    recs = records(6)
+    ids = [hashlib.sha256(r).digest() for r in recs]
+    for mid, raw in zip(ids[:4], recs[:4]):
+        h.add(mid, raw, d.append([raw])[0])
+    assert len(list(h.recent())) == 4  # nothing durable yet: all kept
+    await d.commit()
+    for mid, raw in zip(ids[4:], recs[4:]):
+        h.add(mid, raw, d.append([raw])[0])
+    assert [mid for mid, _ in h.recent()] == ids[4:]  # the latest two (not durable yet)
+    assert len(h) == 6 and all(mid in h for mid in ids) and sorted(h.ids()) == sorted(ids)
+    assert [h.get(mid) for mid in ids] == recs
+    assert h.get(b"\0" * 32) is None
+    h.add(ids[0], b"again", None)  # a duplicate changes nothing
+    assert len(h) == 6 and h.get(ids[0]) == recs[0]
+    before = h.summary()
+    assert h.differing(before) == []
