@@ -15,6 +15,8 @@ Determinism: rounds are applied in the order of ``(query lamport, round id)``, w
 message content alone; votes are iterated in sorted author order; every quantity is an integer.
 A message that arrives late dirties the ledger from its round on, and the next read replays from
 the nearest checkpoint before it, so the result equals a from-scratch fold over the same set.
+Old rounds can be dropped from memory (``Ledger.prune``); a message reaching behind that is
+held and flagged (``stale``) until everything is folded again (``replay``).
 """
 
 from __future__ import annotations
@@ -421,7 +423,7 @@ class Ledger:
         self.genesis = genesis
         self._slots = {s.name: s for s in genesis.slots}
         # id -> author of every message held: the contents live on in the per-round tables below
-        # (a node keeps every round it ever saw, so nothing is stored twice)
+        # (nothing is stored twice), until ``prune`` drops those of old rounds
         self.held: dict[bytes, bytes] = {}
         self._registrations: dict[str, list[Message]] = {}
         self._queries: dict[bytes, tuple[int, bytes]] = {}  # round -> (lamport, round)
@@ -482,7 +484,9 @@ class Ledger:
                 rid = round_id(msg.id, i)
                 key = (body.lamport, rid)
                 if self._floor is not None and key < self._floor:
-                    self.stale = True  # it sorts among the pruned rounds
+                    # it sorts among the pruned rounds (a query by a key without a seat
+                    # changes nothing there, unless the key wins one: see Register)
+                    self.stale = self.stale or msg.author in self._seats
                     continue
                 self._queries[rid] = key
                 self._round_author[rid] = msg.author
@@ -501,9 +505,13 @@ class Ledger:
                 if len({item.round for item in items}) != len(items):
                     return "a vote message holds at most one commit and one reveal per round"
             # The lowest id, not the first arrival: evidence must not depend on timing.
+            # On a pruned round, a vote by a key without a seat changes nothing (the fold skips
+            # it; if the key wins a seat later, that registration makes the ledger stale): only
+            # a member can make every node fold everything again.
+            member = msg.author in self._seats
             for c in body.commits:
                 if c.round in self._pruned:
-                    self.stale = True
+                    self.stale = self.stale or member
                     continue
                 authors = self._commits.setdefault(c.round, {})
                 digests = authors.get(msg.author, ())
@@ -513,7 +521,7 @@ class Ledger:
                 self._touch(c.round)
             for r in body.reveals:
                 if r.round in self._pruned:
-                    self.stale = True
+                    self.stale = self.stale or member
                     continue
                 authors = self._reveals.setdefault(r.round, {})
                 contents = authors.get(msg.author, ())
@@ -576,7 +584,8 @@ class Ledger:
         return self._last_root or self.root()
 
     def outcome(self, rid: bytes) -> Outcome | None:
-        """How round ``rid`` is decided, given what is held now (None if its query is not)."""
+        """How round ``rid`` is decided, given what is held now (None if its query is not, or
+        the round was pruned)."""
         key = self._queries.get(rid)
         if key is None:
             return None
@@ -623,6 +632,11 @@ class Ledger:
     def commits_of(self, key: bytes, rid: bytes) -> set[bytes]:
         return set(self._commits.get(rid, {}).get(key, ())[::2])
 
+    def key(self, rid: bytes) -> tuple[int, bytes] | None:
+        """Where round ``rid`` sorts, ``(query lamport, round id)``; None if its query is not
+        held (or the round was pruned)."""
+        return self._queries.get(rid)
+
     def is_pruned(self, rid: bytes) -> bool:
         """Whether ``prune`` dropped this round's tables (it still counts in the state)."""
         return rid in self._pruned
@@ -638,7 +652,8 @@ class Ledger:
         """Drop the tables of the oldest rounds, all but the latest ``keep`` (and none from
         the round key ``before`` on), once folded: their effect lives on in the checkpoint
         that the fold starts from, so the state and root do not change and memory no longer
-        grows with the history. A message that touches a dropped round later cannot be
+        grows with the history (but for the ids of rounds and messages). A message that
+        touches a dropped round later cannot be
         folded in: it is held, and sets ``stale`` (fold everything again with ``replay``).
         Returns the number of rounds dropped (a multiple of CHECKPOINT_EVERY)."""
         cut = len(self._order) - max(1, keep)  # the state after the last round is no checkpoint
@@ -797,7 +812,8 @@ class Ledger:
 def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: int) -> Ledger:
     """A ledger holding the messages ``get(0)`` .. ``get(count - 1)``, with the same state as
     adding them in any order, built without holding the tables of more than about ``keep``
-    rounds (plus PRUNE_EVERY messages' worth) at any time: the messages are added in the order
+    rounds (plus PRUNE_EVERY messages' worth) at any time (and a key and a position for every
+    round and message, about 200 bytes each, while it runs): the messages are added in the order
     of the earliest round each touches, and what is behind them is pruned as it goes. For a
     long history (at start-up, or when a message touched a pruned round: ``Ledger.stale``).
     ``get`` decodes on demand (three times per message) so the caller need not hold them all

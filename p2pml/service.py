@@ -61,6 +61,7 @@ MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more 
 STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
 REVEAL_AFTER = 0.5  # of query_timeout_ms: reveal then even if some expected commits are missing
+REBUILD_PAUSE_S = 5.0  # at least this long (or as long as the last one took) between ledger rebuilds
 LATE_STREAK_LIMIT = 3  # a peer whose commit missed this many reveals in a row is not waited for
 # A member flooding the network with queries: each node votes on at most this many of one
 # issuer's rows per second beyond a burst (honest load is a few hundred per second per node);
@@ -132,6 +133,9 @@ class Node:
         self._unvoted: dict[bytes, tuple] = {}
         # While the ledger is rebuilt (``_rebuild``): what was held since, for the new one.
         self._rebuild_tail: list[Message] | None = None
+        self._rebuild_after = 0.0  # monotonic time before which no rebuild starts
+        self._rebuilder = ThreadPoolExecutor(1, thread_name_prefix="rebuild")
+        self._running = self._closing = False
         self.rebuilds = 0
         self._load()
 
@@ -155,6 +159,9 @@ class Node:
                         item for item in queue if not self.ledger.is_pruned(item[0]))
         loaded = len(records)
         del records
+        if not self.ledger.is_registered(self.identity.key):
+            self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
+            self.data.commit_now()
         if self.ledger.stale:  # the log holds messages that came long after their rounds
             ids = list(self.holdings.ids())
             self.ledger = replay(self.genesis, len(ids), lambda i: self._held_message(ids[i]), keep)
@@ -167,18 +174,15 @@ class Node:
         self._lost = self._lost or bool(self.data.damaged_tail)
         for issuer in list(self._to_vote):
             keep = collections.deque(
-                item for item in self._to_vote[issuer]
-                if self.ledger.commits_of(me, item[0]) or not self.ledger.revealers(item[0])
-                or (self._lost and me not in self.ledger.revealers(item[0])))
+                item for item in self._to_vote[issuer] if not self.ledger.is_pruned(item[0]) and (
+                    self.ledger.commits_of(me, item[0]) or not self.ledger.revealers(item[0])
+                    or (self._lost and me not in self.ledger.revealers(item[0]))))
             if keep:
                 self._to_vote[issuer] = keep
             else:
                 del self._to_vote[issuer]
         log.info("loaded %d messages from %s; ledger root %s", loaded, self.data.path,
                  self.ledger.root()[:16])
-        if not self.ledger.is_registered(self.identity.key):
-            self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
-            self.data.commit_now()
 
     async def start(self) -> None:
         """Hear from the peers first: if the network holds a vote by our key that our log does
@@ -197,6 +201,7 @@ class Node:
         if self._lost:
             self._after_crash()
         self.data.begin_run()  # from here on we send what we sign before it is durable
+        self._running = True
         self._tasks += [
             asyncio.create_task(self._query_loop(), name="queries"),
             asyncio.create_task(self._vote_loop(), name="votes"),
@@ -227,9 +232,11 @@ class Node:
                 del self._to_vote[issuer]
 
     async def close(self) -> None:
+        self._closing = True  # a rebuild in its thread stops at its next message
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._rebuilder.shutdown(wait=True, cancel_futures=True)
         await self.gossip.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         await self.data.commit()
@@ -256,8 +263,8 @@ class Node:
             return reason
         if self._rebuild_tail is not None:
             self._rebuild_tail.append(msg)
-        elif self.ledger.stale and not self._loading:
-            self._start_rebuild()
+        elif self.ledger.stale and self._running:
+            self._maybe_rebuild()
         if offset is None:
             offset = self.data.append([signed.raw])[0]
         self.holdings.add(msg.id, signed.raw, offset)
@@ -549,6 +556,8 @@ class Node:
                 results = await loop.run_in_executor(self._executor, self.model.vote, rows, rounds)
         commits, expected = [], self.expected_voters()
         for (rid, _, issuer), bound, (label, proba) in zip(todo, rounds, results):
+            if self.ledger.is_pruned(rid):  # pruned (or rebuilt) during the model call
+                continue
             digest = commitment(me, bound, label, proba, self.identity.salt(bound))
             held = self.ledger.commits_of(me, rid)
             if held and digest not in held:
@@ -604,6 +613,10 @@ class Node:
         for rid in rounds:
             entry = self._own.get(rid)
             if entry is None:
+                continue
+            if self.ledger.is_pruned(rid):  # thousands of rounds old: the reveal would be late,
+                del self._own[rid]  # list no commits (none held), and make everyone rebuild
+                self._frozen.pop(rid, None)
                 continue
             label, proba, _, _ = entry
             held = frozenset(self.ledger.committers(rid))
@@ -735,6 +748,8 @@ class Node:
 
     def _held_message(self, mid: bytes) -> Message:
         """A held message decoded again (for ``replay``; safe in another thread)."""
+        if self._closing:
+            raise StoreError("the node is stopping")
         raw = self.holdings.get(mid)
         if raw is None:
             raise StoreError(f"message {mid.hex()[:16]} is held but cannot be read back")
@@ -772,6 +787,12 @@ class Node:
         self.data.write_ledger(view)
         self._written_root = view["root"]
 
+    def _maybe_rebuild(self) -> None:
+        """Rebuild the stale ledger, unless a rebuild runs or one ended too recently (a member
+        that keeps sending votes on pruned rounds must not keep every node replaying)."""
+        if self._rebuild_tail is None and not self._closing and time.monotonic() >= self._rebuild_after:
+            self._start_rebuild()
+
     def _start_rebuild(self) -> None:
         self._rebuild_tail = []
         task = asyncio.get_running_loop().create_task(self._rebuild(), name="rebuild")
@@ -785,28 +806,33 @@ class Node:
         started = time.monotonic()
         ids = list(self.holdings.ids())
         try:
-            fresh = await asyncio.to_thread(replay, self.genesis, len(ids),
-                                            lambda i: self._held_message(ids[i]),
-                                            self.net.rounds_in_memory)
+            fresh = await asyncio.get_running_loop().run_in_executor(
+                self._rebuilder, replay, self.genesis, len(ids),
+                lambda i: self._held_message(ids[i]), self.net.rounds_in_memory)
             for msg in self._rebuild_tail:
                 fresh.add(msg)
-        except Exception:  # pragma: no cover - every held message was valid once
-            log.exception("could not rebuild the ledger; it stays stale")
+        except Exception:
+            if not self._closing:
+                log.exception("could not rebuild the ledger; it stays stale")
             return
         finally:
             self._rebuild_tail = None
+            self._rebuild_after = time.monotonic() + max(REBUILD_PAUSE_S, time.monotonic() - started)
         self.ledger = fresh
         self.rebuilds += 1
         log.warning("a message reached back past the %d rounds kept in memory: ledger rebuilt "
                     "from %d messages in %.1f s; root %s", self.net.rounds_in_memory, len(ids),
                     time.monotonic() - started, fresh.root()[:16])
-        if fresh.stale:  # something reached back again meanwhile
-            self._start_rebuild()
 
     async def _ledger_writer(self) -> None:
         while True:
             await asyncio.sleep(LEDGER_WRITE_INTERVAL_S)
-            self.ledger.prune(self.net.rounds_in_memory)
+            # not the rounds clients are waiting on (a member's flood of queries must not
+            # push them out before they are answered)
+            waited = [k for rid in self._waiters if (k := self.ledger.key(rid)) is not None]
+            self.ledger.prune(self.net.rounds_in_memory, before=min(waited, default=None))
+            if self.ledger.stale:  # also after a failed rebuild, or with nothing arriving since
+                self._maybe_rebuild()
             view = self.ledger_view()
             if view["root"] != self._written_root:
                 try:

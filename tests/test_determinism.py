@@ -229,6 +229,18 @@ def test_a_message_on_a_pruned_round_makes_the_ledger_stale():
     lg.add(NET.query(3, 17, 1)[0])  # after the last pruned round (lamport 15): held as usual
     assert not lg.stale
 
+    # A key registered without winning a seat: its votes count nowhere, so on a pruned round
+    # they need no new fold (anyone able to register must not make every node replay).
+    from p2pml.wire import Identity
+    first = NET.register(0)
+    outsider = next(ident for ident in (Identity.from_seed(bytes([40 + k]) * 32) for k in range(64))
+                    if ident.sign(NET.gid, first.body).msg.id > first.id)
+    lg, rounds = pruned()
+    before = lg.root()
+    assert lg.add(outsider.sign(NET.gid, first.body).msg) is None and not lg.stale  # ada stays key 0's
+    late = outsider.sign(NET.gid, L.Votes(1, (L.Commit(rounds[0], b"\1" * 32),), ())).msg
+    assert lg.add(late) is None and not lg.stale and lg.root() == before
+
 
 def test_replay_prunes_as_it_goes_and_matches_the_full_fold(monkeypatch):
     """A long history: ``replay`` never holds much more than ``keep`` rounds' tables, yet gives

@@ -290,3 +290,66 @@ async def test_a_commit_the_crash_lost_comes_back_from_peers_and_is_revealed(mak
         revealed = {v["peer"] for v in view["votes"] + view["late_votes"]}
         assert cy_id in revealed and "cy" not in view["unrevealed"], view
     assert get_json(cluster.url("cy") + "/health")["status"] == "ok"
+
+
+async def test_a_node_never_votes_nor_reveals_on_rounds_it_pruned(tmp_path, monkeypatch):
+    """A real node object over a real log, no network: it starts from a log long enough to be
+    pruned while loading that lacks its own registration (which changes the seats: the ledger
+    is folded again, not left stale); it commits on no round pruned while its model ran, and
+    does not reveal on a round pruned after its commit (the reveal would list no commits)."""
+    import os
+
+    from p2pml import service
+    from p2pml.config import MODEL_KINDS, NetworkConfig, PeerConfig
+    from p2pml.ledger import DEPOSIT, Query, Register
+    from p2pml.store import DataDir
+    from p2pml.wire import Identity
+
+    monkeypatch.setattr(service, "PRUNE_EVERY", 8)
+    monkeypatch.setattr(service, "INLINE_ROWS", 0)  # the model runs in the executor: an await
+    peers = tuple(PeerConfig(n, "127.0.0.1", p, MODEL_KINDS[i])
+                  for i, (n, p) in enumerate(zip(("ada", "bo", "cy"), free_ports(3))))
+    net = NetworkConfig(peers, rounds_in_memory=16)
+    gid = net.genesis().id()
+    ids = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(3)]
+    (tmp_path / "cy").mkdir(mode=0o700)
+    fd = os.open(tmp_path / "cy" / "node.key", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, bytes([3]) * 32)
+    os.close(fd)
+    raws = [ids[i].sign(gid, Register(n, MODEL_KINDS[i], DEPOSIT)).raw for i, n in enumerate(("ada", "bo"))]
+    raws += [ids[0].sign(gid, Query(n + 1, ((5.1 + n / 100, 3.5, 1.4, 0.2),))).raw for n in range(60)]
+    data = DataDir(tmp_path / "cy")
+    data.read_log()
+    data.append(raws)
+    data.commit_now()
+    data.close()
+
+    data = DataDir(tmp_path / "cy")
+    node = service.Node(net, peers[2], data)
+    try:
+        assert node.ledger.is_member(ids[2].key) and not node.ledger.stale
+        assert node.ledger.rounds_held < 60  # pruned while loading
+        published = []
+        real = node._publish
+
+        async def spy(signed, wait):
+            published.append(signed.msg)
+            await real(signed, wait)
+
+        node._publish = spy
+        loop = asyncio.get_running_loop()
+        batch = node._next_batch()
+        assert batch and not any(node.ledger.is_pruned(rid) for rid, _, _ in batch)
+        loop.call_soon(node.ledger.prune, 4)  # while the model runs
+        await node._vote(batch, [], loop)
+        commits = published[-1].body.commits
+        assert commits and not any(node.ledger.is_pruned(c.round) for c in commits)
+        assert len(commits) < len(batch)
+        mine = commits[0].round
+        for n in range(40):  # more rounds; the next prune drops the one we committed on
+            node._hold(ids[0].sign(gid, Query(100 + n, ((5.1, 3.5, 1.4, 0.2),))))
+        node.ledger.prune(4)
+        assert node.ledger.is_pruned(mine) and not node.ledger.stale
+        assert node._reveals([mine]) == [] and mine not in node._own
+    finally:
+        await node.close()
