@@ -259,7 +259,8 @@ async def fetch(request: web.Request) -> web.Response:
     try:
         ids = msgpack.unpackb(data, max_array_len=MAX_BATCH_MESSAGES, max_map_len=0,
                               max_str_len=0, max_bin_len=32, max_ext_len=0)
-        answer = request.app[NODE].gossip.answer_fetch(ids)
+        # old envelopes are read back from the log: in a thread, not on the event loop
+        answer = await asyncio.to_thread(request.app[NODE].gossip.answer_fetch, ids)
     except MSGPACK_ERRORS as exc:
         raise BadInput(f"/fetch takes a msgpack list of message ids: {exc}") from None
     return web.Response(body=answer, content_type=MSGPACK)

@@ -83,6 +83,10 @@ class Holdings:
         offset = self._stored.get(mid)
         return None if offset is None else self._read(offset)
 
+    def get_many(self, mids: list[bytes]) -> list[bytes]:
+        """The envelopes of those of ``mids`` that can be had (see ``get``)."""
+        return [raw for mid in mids if (raw := self.get(mid)) is not None]
+
     def ids(self) -> Iterator[bytes]:
         yield from self._stored
         yield from self._recent
@@ -440,11 +444,11 @@ class Gossip:
             if batch is None:
                 return
             await self._ingest_batch(batch, f"peer {link.cfg.name}")
-        valid = [b for b in buckets if type(b) is int and 0 <= b < BUCKETS]
-        extra = [raw for i in self.holdings.ids_in(valid)
-                 if i not in their_ids and (raw := self.holdings.get(i)) is not None]
-        if extra:
-            self._enqueue(link, extra[:MAX_OUTBOX])
+        valid = sorted({b for b in buckets if type(b) is int and 0 <= b < BUCKETS})[:MAX_SYNC_BUCKETS]
+        lacking = [i for i in self.holdings.ids_in(valid) if i not in their_ids][:MAX_OUTBOX]
+        if lacking:  # old envelopes are read back from the log: not on the event loop
+            extra = await asyncio.to_thread(self.holdings.get_many, lacking)
+            self._enqueue(link, extra)
 
     async def _ingest_batch(self, data: bytes, source: str) -> None:
         try:

@@ -484,8 +484,10 @@ class Ledger:
                 rid = round_id(msg.id, i)
                 key = (body.lamport, rid)
                 if self._floor is not None and key < self._floor:
-                    # it sorts among the pruned rounds (a query by a key without a seat
-                    # changes nothing there, unless the key wins one: see Register)
+                    # it sorts among the pruned rounds, and counts as one (a query by a key
+                    # without a seat changes nothing there, unless the key wins one: see
+                    # Register)
+                    self._pruned.add(rid)
                     self.stale = self.stale or msg.author in self._seats
                     continue
                 self._queries[rid] = key

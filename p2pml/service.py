@@ -88,7 +88,7 @@ class Node:
         self.id = peer_id(self.identity.key)
         self.ledger = Ledger(self.genesis)
         self.verifier = Verifier(self.genesis_id)
-        # envelopes of about the latest rounds_in_memory rounds in memory, older ones in the log
+        # the latest 2 x rounds_in_memory envelopes in memory, older ones read back from the log
         self.holdings = Holdings(2 * net.rounds_in_memory, self._read_logged, lambda: data.durable_end)
         self.model = Model(me.model, behavior, self.identity.key, separate=True)
         self.scores = Scores(net.invalid_message_limit, net.ignore_ms / 1000)
@@ -143,10 +143,11 @@ class Node:
 
     def _load(self) -> None:
         """Rebuild everything from the log; then make sure this node is registered."""
-        records = self.data.read_records()
         self._loading = True
         keep = self.net.rounds_in_memory
-        for n, (offset, raw) in enumerate(records):
+        loaded = 0
+        for n, (offset, raw) in enumerate(self.data.records()):  # a piece at a time
+            loaded = n + 1
             try:
                 signed = self.verifier.open(raw)
             except WireError as exc:  # a record that passed its CRC but not verification
@@ -157,8 +158,6 @@ class Node:
                 for issuer, queue in list(self._to_vote.items()):  # nothing to vote on there
                     self._to_vote[issuer] = collections.deque(
                         item for item in queue if not self.ledger.is_pruned(item[0]))
-        loaded = len(records)
-        del records
         if not self.ledger.is_registered(self.identity.key):
             self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
             self.data.commit_now()
@@ -751,9 +750,10 @@ class Node:
         if self._closing:
             raise StoreError("the node is stopping")
         raw = self.holdings.get(mid)
-        if raw is None:
+        msg = None if raw is None else self.verifier.reopen(raw)
+        if msg is None or msg.id != mid:
             raise StoreError(f"message {mid.hex()[:16]} is held but cannot be read back")
-        return self.verifier.reopen(raw)
+        return msg
 
     def signature_of(self, mid: bytes) -> bytes:
         raw = self.holdings.get(mid)

@@ -17,6 +17,7 @@ import queue
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 LOG_MAGIC = b"P2PMLOG1\n"  # file header: format name and version
 RECORD_HEADER = struct.Struct(">II")  # payload length, CRC-32 of the payload
 MAX_RECORD_BYTES = 1 << 20  # anything larger is corruption, not a message
+READ_AHEAD = 4096  # bytes read_at asks for first (a record's header and, mostly, all of it)
 KEY_FILE = "node.key"
 LOG_FILE = "messages.log"
 LEDGER_FILE = "ledger.json"
@@ -95,6 +97,7 @@ class DataDir:
         self._end = 0
         self.durable_end = 0
         self._reader: int | None = None  # a read-only descriptor for read_at
+        self._reader_lock = threading.Lock()
 
     # -- key ------------------------------------------------------------------------------------
 
@@ -120,58 +123,68 @@ class DataDir:
 
     def read_log(self) -> list[bytes]:
         """All intact records; a damaged tail is logged and truncated away."""
-        return [payload for _, payload in self.read_records()]
+        return [payload for _, payload in self.records()]
 
     def read_records(self) -> list[tuple[int, bytes]]:
-        """All intact records with their offsets (for ``read_at``); a damaged tail is logged
-        and truncated away. Appends go after them."""
+        return list(self.records())
+
+    def records(self) -> Iterator[tuple[int, bytes]]:
+        """Every intact record with its offset (for ``read_at``), read a piece at a time (a
+        long log is never in memory at once); once all are read, a damaged tail is logged and
+        truncated away. Appends go after them."""
         path = self.path / LOG_FILE
         self._end = self.durable_end = len(LOG_MAGIC)
         if not path.exists():
             write_atomic(path, LOG_MAGIC)
-            return []
-        data = path.read_bytes()
-        if len(data) < len(LOG_MAGIC) and LOG_MAGIC.startswith(data):
-            log.warning("%s was torn while being created; starting it again", path)
-            write_atomic(path, LOG_MAGIC)
-            return []
-        if not data.startswith(LOG_MAGIC):
-            raise StoreError(f"{path} is not a p2pml v1 message log (unknown header "
-                             f"{data[:len(LOG_MAGIC)]!r}); move it away to start empty")
-        records, pos = [], len(LOG_MAGIC)
-        while pos < len(data):
-            if pos + RECORD_HEADER.size > len(data):
-                break
-            length, crc = RECORD_HEADER.unpack_from(data, pos)
-            end = pos + RECORD_HEADER.size + length
-            if length > MAX_RECORD_BYTES or end > len(data):
-                break
-            payload = data[pos + RECORD_HEADER.size : end]
-            if zlib.crc32(payload) != crc:
-                break
-            records.append((pos, payload))
-            pos = end
-        if pos < len(data):
-            self.damaged_tail = len(data) - pos
+            return
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(LOG_MAGIC))
+            if len(head) < len(LOG_MAGIC) and LOG_MAGIC.startswith(head):
+                log.warning("%s was torn while being created; starting it again", path)
+                write_atomic(path, LOG_MAGIC)
+                return
+            if head != LOG_MAGIC:
+                raise StoreError(f"{path} is not a p2pml v1 message log (unknown header "
+                                 f"{head!r}); move it away to start empty")
+            self.durable_end = size  # what is read back while reading is on the disk
+            pos = len(LOG_MAGIC)
+            count = 0
+            while len(header := f.read(RECORD_HEADER.size)) == RECORD_HEADER.size:
+                length, crc = RECORD_HEADER.unpack(header)
+                if length > MAX_RECORD_BYTES:
+                    break
+                payload = f.read(length)
+                if len(payload) != length or zlib.crc32(payload) != crc:
+                    break
+                yield pos, payload
+                count += 1
+                pos += RECORD_HEADER.size + length
+        if pos < size:
+            self.damaged_tail = size - pos
             log.warning("%s: dropping %d damaged bytes at offset %d after %d intact records",
-                        path, len(data) - pos, pos, len(records))
+                        path, size - pos, pos, count)
             with open(path, "r+b") as f:
                 f.truncate(pos)
                 f.flush()
                 os.fsync(f.fileno())
         self._end = self.durable_end = pos
-        return records
 
     def read_at(self, offset: int) -> bytes:
-        """The record at ``offset`` (as ``append`` or ``read_records`` gave it), once durable.
+        """The record at ``offset`` (as ``append`` or ``records`` gave it), once durable.
         Raises StoreError if it is not there intact (the file was changed under the node)."""
         if self._reader is None:
-            self._reader = os.open(self.path / LOG_FILE, os.O_RDONLY)
-        header = os.pread(self._reader, RECORD_HEADER.size, offset)
-        if len(header) == RECORD_HEADER.size:
-            length, crc = RECORD_HEADER.unpack(header)
+            with self._reader_lock:  # the loop and a ledger rebuild's thread both read
+                if self._reader is None:
+                    self._reader = os.open(self.path / LOG_FILE, os.O_RDONLY)
+        data = os.pread(self._reader, READ_AHEAD, offset)  # most records fit: one call
+        if len(data) >= RECORD_HEADER.size:
+            length, crc = RECORD_HEADER.unpack_from(data)
             if length <= MAX_RECORD_BYTES:
-                payload = os.pread(self._reader, length, offset + RECORD_HEADER.size)
+                payload = data[RECORD_HEADER.size:RECORD_HEADER.size + length]
+                if len(payload) < length:
+                    payload += os.pread(self._reader, length - len(payload),
+                                        offset + RECORD_HEADER.size + len(payload))
                 if len(payload) == length and zlib.crc32(payload) == crc:
                     return payload
         raise StoreError(f"{self.path / LOG_FILE}: no intact record at offset {offset}")
@@ -195,12 +208,16 @@ class DataDir:
             self._end += RECORD_HEADER.size + len(raw)
         return offsets
 
-    def _write(self, records: list[bytes]) -> int:
+    def _write(self, records: list[bytes], expected: int) -> int:
         """Append and fsync; on failure cut the file back to where it was, so that a torn
         write never sits in front of records written (and acknowledged) after it. Returns
-        the log's durable end."""
+        the log's durable end. ``expected``: where the file ends now (offsets were promised
+        from there; anything else is refused loudly rather than served wrong later)."""
         f = self._open_log()
         start = f.tell()
+        if start != expected:
+            raise StoreError(f"{self.path / LOG_FILE} ends at {start}, not at {expected} where "
+                             "its next record was promised")
         try:
             f.write(b"".join(RECORD_HEADER.pack(len(r), zlib.crc32(r)) + r for r in records))
             f.flush()
@@ -208,7 +225,10 @@ class DataDir:
             return f.tell()
         except OSError:
             self._log = None
-            f.close()
+            try:
+                f.close()  # flushes what is buffered again: may fail again; cut back anyway
+            except OSError:
+                pass
             with open(self.path / LOG_FILE, "r+b") as g:
                 g.truncate(start)
                 os.fsync(g.fileno())
@@ -223,12 +243,7 @@ class DataDir:
             return
         records, self._pending = self._pending, []
         self._commit = self._in_writer(records)
-        self._commit.add_done_callback(self._committed)
-        try:
-            await asyncio.shield(self._commit)
-        except OSError:
-            self._pending[:0] = records  # not written: they go with the next commit
-            raise
+        await asyncio.shield(self._commit)  # a failed write's records are back in _pending
 
     def _in_writer(self, records: list[bytes]) -> asyncio.Future:
         """``_write(records)`` in this log's own thread (fsync blocks; the loop must not). One
@@ -236,12 +251,13 @@ class DataDir:
         hand-off (``asyncio.to_thread``), and every commit pays it."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        done.add_done_callback(lambda f: f.exception())  # seen even if every waiter is gone
         if self._jobs is None:
             self._jobs = queue.SimpleQueue()
             self._writer_thread = threading.Thread(target=self._writer, args=(self._jobs,),
                                                    name=f"log {self.path.name}", daemon=True)
             self._writer_thread.start()
-        self._jobs.put((records, loop, done))
+        self._jobs.put((records, self.durable_end, loop, done))  # one write at a time: it ends there
         return done
 
     def _writer(self, jobs: queue.SimpleQueue) -> None:
@@ -254,13 +270,13 @@ class DataDir:
         except (AttributeError, OSError):  # not Linux, or not allowed: the default policy
             pass
         while (job := jobs.get()) is not None:
-            records, loop, done = job
+            records, expected, loop, done = job
             try:
-                outcome = self._write(records)
+                outcome = self._write(records, expected)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting commit
                 outcome = exc
             try:
-                loop.call_soon_threadsafe(_resolve, done, outcome)
+                loop.call_soon_threadsafe(self._finish, done, records, outcome)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
@@ -280,19 +296,28 @@ class DataDir:
             except OSError:
                 await asyncio.sleep(1.0)  # logged by _committed; the disk may come back
 
-    def _committed(self, fut: asyncio.Future) -> None:
-        if self._commit is fut:
+    def _finish(self, done: asyncio.Future, records: list[bytes], outcome: int | Exception) -> None:
+        """On the loop, before anyone sees the write as over: a failed write's records go
+        back to the front of what is pending (whoever waited, even if nobody does any more),
+        so they keep their place and offsets; a successful one moves ``durable_end``."""
+        if self._commit is done:
             self._commit = None
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error("writing %s failed: %s", self.path / LOG_FILE, fut.exception())
-        elif not fut.cancelled():
-            self.durable_end = max(self.durable_end, fut.result())
+        if isinstance(outcome, Exception):
+            self._pending[:0] = records
+            log.error("writing %s failed: %s", self.path / LOG_FILE, outcome)
+        else:
+            self.durable_end = max(self.durable_end, outcome)
+        _resolve(done, outcome)
 
     def commit_now(self) -> None:
         """Synchronous commit, for start-up and shutdown."""
         records, self._pending = self._pending, []
         if records:
-            self.durable_end = self._write(records)
+            try:
+                self.durable_end = self._write(records, self.durable_end)
+            except Exception:
+                self._pending[:0] = records
+                raise
 
     # -- running marker -------------------------------------------------------------------------
 

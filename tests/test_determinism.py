@@ -226,6 +226,10 @@ def test_a_message_on_a_pruned_round_makes_the_ledger_stale():
         assert lg.add(late) is None and late.id in lg.held
         assert lg.stale
     lg, _ = pruned()
+    late = NET.query(3, 1, 1)[0]  # sorts among the pruned rounds: is one (no vote goes there)
+    lg.add(late)
+    assert lg.stale and lg.is_pruned(L.round_id(late.id, 0)) and lg.key(L.round_id(late.id, 0)) is None
+    lg, _ = pruned()
     lg.add(NET.query(3, 17, 1)[0])  # after the last pruned round (lamport 15): held as usual
     assert not lg.stale
 

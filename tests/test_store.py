@@ -530,3 +530,72 @@ async def test_holdings_keep_only_the_latest_envelopes_in_memory(tmp_path, opene
     assert len(h) == 6 and h.get(ids[0]) == recs[0]
     before = h.summary()
     assert h.differing(before) == []
+
+
+def fail_fsync_once(monkeypatch):
+    real = os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+async def test_a_failed_write_keeps_its_place_whoever_waits(tmp_path, opened, monkeypatch):
+    """A failed write's records go back in front before anyone sees the write as over: a commit
+    that starts right then, and a caller cancelled meanwhile, move no record off the offset
+    ``append`` gave it."""
+    for cancel in (False, True):
+        d = opened(tmp_path / str(cancel))
+        d.read_log()
+        fail_fsync_once(monkeypatch)
+        first = [f"first {i}".encode() + b"x" * 40 for i in range(3)]
+        where = d.append(first)
+        waiter = asyncio.ensure_future(d.commit())
+        await asyncio.sleep(0)  # its write is in flight
+        later = [f"later {i}".encode() + b"x" * 40 for i in range(3)]
+        where += d.append(later)
+        if cancel:
+            waiter.cancel()
+        while d._commit is not None and not d._commit.done():
+            await asyncio.sleep(0)
+        other = asyncio.ensure_future(d.commit())  # before the failed caller resumes
+        await asyncio.gather(waiter, other, return_exceptions=True)
+        await d.commit()
+        assert [d.read_at(w) for w in where] == first + later, cancel
+        opened.close(d)
+        assert reread(tmp_path / str(cancel), opened) == first + later
+
+
+async def test_a_write_torn_part_way_is_cut_back(tmp_path, opened):
+    """A write that fails after part of it reached the file (disk full) is cut back, so the
+    records after it are where ``append`` said, and survive a restart."""
+    import resource
+    import signal
+
+    d = opened(tmp_path)
+    d.read_log()
+    recs = [f"record {i}".encode() + b"x" * 40 for i in range(6)]
+    where = d.append(recs[:2])
+    await d.commit()
+    size = (tmp_path / LOG_FILE).stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as ENOSPC, not a kill
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 30, hard))  # full 30 bytes on
+        where += d.append(recs[2:4])
+        with pytest.raises(OSError):
+            await d.commit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert (tmp_path / LOG_FILE).stat().st_size == size
+    where += d.append(recs[4:])
+    await d.commit()
+    assert [d.read_at(w) for w in where] == recs
+    opened.close(d)
+    assert reread(tmp_path, opened) == recs
