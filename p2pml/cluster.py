@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,11 +26,34 @@ from p2pml.wire import Identity
 PEER_NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel hands out as free right now (kept open together so they differ)."""
-    socks = []
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; 32768 elsewhere)."""
     try:
-        for _ in range(n):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free right now (kept open together so they differ), picked at random below the
+    kernel's ephemeral range: between this check and the node's bind, no outgoing connection
+    (the nodes' own, a test's clients) can take one, as happened with ports the kernel handed
+    out from that range; the random pick keeps concurrent callers apart."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(100 * n):
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, rng.randrange(max(1024, low // 2), low) if low > 2048 else 0))
+            except OSError:  # taken: try another
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # nothing free down there: let the kernel choose
             s = socket.socket()
             s.bind((host, 0))
             socks.append(s)
