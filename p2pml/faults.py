@@ -32,6 +32,7 @@ from pathlib import Path
 import aiohttp
 
 from p2pml.cluster import LocalCluster, free_ports, write_network
+from p2pml.config import NETWORK_SETTINGS
 from p2pml.ledger import DEPOSIT
 
 NAMESPACE_ENV = "P2PML_FAULTS_NETNS"
@@ -206,10 +207,11 @@ class Outcome:
 
 
 class Harness:
-    def __init__(self, root: Path, fault_seconds: float, seed: int):
+    def __init__(self, root: Path, fault_seconds: float, seed: int, rounds_in_memory: int | None = None):
         ports = free_ports(5, host=HOSTS[0])
+        extra = {} if rounds_in_memory is None else {"rounds_in_memory": rounds_in_memory}
         peers = write_network(root / "peers.toml", ports, hosts=HOSTS, query_timeout_ms=300,
-                              anti_entropy_interval_ms=200, request_timeout_ms=1000)
+                              anti_entropy_interval_ms=200, request_timeout_ms=1000, **extra)
         self.cluster = LocalCluster(peers, root / "data", log_level="WARNING",
                                     bind_hosts=dict(zip(self._names(peers), BIND_HOSTS)))
         self.fw = Firewall()
@@ -220,6 +222,11 @@ class Harness:
         # Clients talk to the peers directly: the faults are between peers.
         self.load = Load([self.cluster.url(n) for n in self.cluster.names], unanimous_rows())
         self.hosts = {p.name: p.host for p in self.cluster.net.peers}
+
+    def rebuilds(self) -> int:
+        """Ledger rebuilds the nodes logged (a message reached behind the rounds they keep)."""
+        return sum(path.read_text(errors="replace").count("ledger rebuilt")
+                   for path in self.cluster.data_root.glob("*.log"))
 
     @staticmethod
     def _names(peers_file: Path) -> list[str]:
@@ -445,7 +452,8 @@ def report_table(report: dict) -> str:
     lines.append(f"acknowledged {report['acked']} of {report['attempts']} queries; lost {report['lost']}, "
                  f"unsettled {report['unsettled']}, rows nobody sent {report['phantom_rounds']}, "
                  f"roots equal: {report['roots_equal']}, honest peers slashed: "
-                 f"{', '.join(report['honest_slashed']) or 'none'}")
+                 f"{', '.join(report['honest_slashed']) or 'none'}, ledger rebuilds: "
+                 f"{report.get('rebuilds', 0)}")
     lines.append("PASS" if not report["wrong"] else "FAIL: " + "; ".join(report["wrong"]))
     return "\n".join(lines)
 
@@ -458,11 +466,17 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--rounds-in-memory", type=int, default=None,
+                    help="the nodes' rounds_in_memory (small: partitions reach behind it, and "
+                         "the nodes rebuild their ledgers)")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in FAULT_KINDS]
-    if bad or not kinds or args.rounds < 1 or args.fault_seconds <= 0:
-        ap.error(f"--kinds from {', '.join(FAULT_KINDS)}; --rounds >= 1; --fault-seconds > 0"
+    _, lo, hi = NETWORK_SETTINGS["rounds_in_memory"]
+    keep_ok = args.rounds_in_memory is None or lo <= args.rounds_in_memory <= hi
+    if bad or not kinds or args.rounds < 1 or args.fault_seconds <= 0 or not keep_ok:
+        ap.error(f"--kinds from {', '.join(FAULT_KINDS)}; --rounds >= 1; --fault-seconds > 0; "
+                 f"--rounds-in-memory in [{lo}, {hi}]"
                  + (f" (unknown: {', '.join(bad)})" if bad else ""))
     why = can_run()
     if why:
@@ -471,13 +485,14 @@ def main(argv=None) -> int:
     if os.environ.get(NAMESPACE_ENV) is None:
         return _in_new_namespace(sys.argv[1:] if argv is None else argv)
     root = Path(tempfile.mkdtemp(prefix="p2pml-faults-"))
-    harness = Harness(root, args.fault_seconds, args.seed)
+    harness = Harness(root, args.fault_seconds, args.seed, args.rounds_in_memory)
     try:
         report = asyncio.run(harness.run(kinds, args.rounds))
     finally:
         harness.fw.heal()
         harness.cluster.stop()
     report["phantom_rounds"] = harness.audit()
+    report["rebuilds"] = harness.rebuilds()
     report["wrong"] = verdict(report)
     if report["wrong"]:
         report["data"] = str(root)  # kept for a look

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -462,8 +463,13 @@ class Gossip:
     # -- the serving side of anti-entropy -------------------------------------------------------
 
     def answer_sync(self, theirs) -> bytes:
-        """The ids this node holds in the buckets where ``theirs`` differs (bounded)."""
-        buckets = self.holdings.differing(theirs)[:MAX_SYNC_BUCKETS]
+        """The ids this node holds in the buckets where ``theirs`` differs (bounded: a random
+        choice of them when too many differ. Always the first ones in order would starve the
+        last: a peer that lacks a registration refuses its author's messages for now, so their
+        buckets keep differing, and the one bucket holding the registration was never answered)."""
+        buckets = self.holdings.differing(theirs)
+        if len(buckets) > MAX_SYNC_BUCKETS:
+            buckets = sorted(random.sample(buckets, MAX_SYNC_BUCKETS))
         ids: list[bytes] = []
         answered = []
         for b in buckets:

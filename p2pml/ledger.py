@@ -450,6 +450,7 @@ class Ledger:
         # A held message touches a pruned round (or changes the seats after a prune): the state
         # does not reflect it, and only a fold of every message can (``replay``).
         self.stale = False
+        self.reached_back = 0  # messages that made it stale, or found it so: how many so far
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -472,7 +473,7 @@ class Ledger:
             # Membership changed (a key won, lost or changed seats): replay from genesis.
             if {k: m.id for k, m in seats.items()} != {k: m.id for k, m in self._seats.items()}:
                 if self._pruned:
-                    self.stale = True
+                    self._reach_back(True)
                 else:
                     self._checkpoints = []
                     self._mark_dirty(0)
@@ -488,7 +489,7 @@ class Ledger:
                     # without a seat changes nothing there, unless the key wins one: see
                     # Register)
                     self._pruned.add(rid)
-                    self.stale = self.stale or msg.author in self._seats
+                    self._reach_back(msg.author in self._seats)
                     continue
                 self._queries[rid] = key
                 self._round_author[rid] = msg.author
@@ -513,7 +514,7 @@ class Ledger:
             member = msg.author in self._seats
             for c in body.commits:
                 if c.round in self._pruned:
-                    self.stale = self.stale or member
+                    self._reach_back(member)
                     continue
                 authors = self._commits.setdefault(c.round, {})
                 digests = authors.get(msg.author, ())
@@ -523,7 +524,7 @@ class Ledger:
                 self._touch(c.round)
             for r in body.reveals:
                 if r.round in self._pruned:
-                    self.stale = self.stale or member
+                    self._reach_back(member)
                     continue
                 authors = self._reveals.setdefault(r.round, {})
                 contents = authors.get(msg.author, ())
@@ -551,6 +552,11 @@ class Ledger:
         if slot.key is not None and author != slot.key:
             return f"slot {body.name!r} is pinned to another key"
         return None
+
+    def _reach_back(self, counts: bool) -> None:
+        if counts:
+            self.stale = True
+            self.reached_back += 1
 
     def _touch(self, rid: bytes) -> None:
         key = self._queries.get(rid)
@@ -811,7 +817,8 @@ class Ledger:
                                       unrevealed=tuple(self._members[p.key] for p in missing))
 
 
-def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: int) -> Ledger:
+def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: int,
+           finish: bool = True) -> Ledger:
     """A ledger holding the messages ``get(0)`` .. ``get(count - 1)``, with the same state as
     adding them in any order, built without holding the tables of more than about ``keep``
     rounds (plus PRUNE_EVERY messages' worth) at any time (and a key and a position for every
@@ -819,7 +826,8 @@ def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: in
     of the earliest round each touches, and what is behind them is pruned as it goes. For a
     long history (at start-up, or when a message touched a pruned round: ``Ledger.stale``).
     ``get`` decodes on demand (three times per message) so the caller need not hold them all
-    decoded at once."""
+    decoded at once. Without ``finish``, the last rounds are left unpruned (for messages the
+    caller still has to add)."""
     keys: dict[bytes, tuple[int, bytes]] = {}  # round -> its key, for every query
     for i in range(count):
         msg = get(i)
@@ -847,5 +855,6 @@ def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: in
         if n % PRUNE_EVERY == 0 and n:
             ledger.prune(keep, before=first)
         ledger.add(get(i))
-    ledger.prune(keep)
+    if finish:
+        ledger.prune(keep)
     return ledger

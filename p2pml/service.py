@@ -61,7 +61,11 @@ MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more 
 STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
 REVEAL_AFTER = 0.5  # of query_timeout_ms: reveal then even if some expected commits are missing
-REBUILD_PAUSE_S = 5.0  # at least this long (or as long as the last one took) between ledger rebuilds
+REBUILD_PAUSE_S = 1.0  # at least this long, and as long as the last one took, between ledger rebuilds
+# A rebuild waits until no message has reached behind the pruned rounds for this long (a peer
+# catching up sends many over a few seconds: one rebuild for all), or at most REBUILD_WAIT_S.
+REBUILD_QUIET_S = 1.0
+REBUILD_WAIT_S = 10.0
 LATE_STREAK_LIMIT = 3  # a peer whose commit missed this many reveals in a row is not waited for
 # A member flooding the network with queries: each node votes on at most this many of one
 # issuer's rows per second beyond a burst (honest load is a few hundred per second per node);
@@ -134,6 +138,7 @@ class Node:
         # While the ledger is rebuilt (``_rebuild``): what was held since, for the new one.
         self._rebuild_tail: list[Message] | None = None
         self._rebuild_after = 0.0  # monotonic time before which no rebuild starts
+        self._reached_at = self._stale_since = 0.0  # the last message that reached back; since when stale
         self._rebuilder = ThreadPoolExecutor(1, thread_name_prefix="rebuild")
         self._running = self._closing = False
         self.rebuilds = 0
@@ -257,13 +262,15 @@ class Node:
         """Accept a verified message: ledger, holdings (what peers are served from) and, unless
         it was read from the log at ``offset``, the log. Returns a rejection reason or None."""
         msg = signed.msg
+        reached = self.ledger.reached_back
         reason = self.ledger.add(msg)
         if reason:
             return reason
+        if self.ledger.reached_back != reached:
+            self._reached_at = time.monotonic()
+            self._stale_since = self._stale_since or self._reached_at
         if self._rebuild_tail is not None:
             self._rebuild_tail.append(msg)
-        elif self.ledger.stale and self._running:
-            self._maybe_rebuild()
         if offset is None:
             offset = self.data.append([signed.raw])[0]
         self.holdings.add(msg.id, signed.raw, offset)
@@ -788,9 +795,15 @@ class Node:
         self._written_root = view["root"]
 
     def _maybe_rebuild(self) -> None:
-        """Rebuild the stale ledger, unless a rebuild runs or one ended too recently (a member
-        that keeps sending votes on pruned rounds must not keep every node replaying)."""
-        if self._rebuild_tail is None and not self._closing and time.monotonic() >= self._rebuild_after:
+        """Rebuild the stale ledger once messages stopped reaching back for a moment (or have
+        for long), unless a rebuild runs or one ended too recently (a member that keeps sending
+        votes on pruned rounds must not keep every node replaying)."""
+        now = time.monotonic()
+        settled = (now - self._reached_at >= REBUILD_QUIET_S
+                   or now - (self._stale_since or now) >= REBUILD_WAIT_S)
+        if (self._rebuild_tail is None and not self._closing and settled
+                and now >= self._rebuild_after):
+            self._stale_since = 0.0
             self._start_rebuild()
 
     def _start_rebuild(self) -> None:
@@ -808,9 +821,11 @@ class Node:
         try:
             fresh = await asyncio.get_running_loop().run_in_executor(
                 self._rebuilder, replay, self.genesis, len(ids),
-                lambda i: self._held_message(ids[i]), self.net.rounds_in_memory)
-            for msg in self._rebuild_tail:
+                lambda i: self._held_message(ids[i]), self.net.rounds_in_memory, False)
+            for msg in self._rebuild_tail:  # held meanwhile: before the last prune
                 fresh.add(msg)
+            waited = [k for rid in self._waiters if (k := fresh.key(rid)) is not None]
+            fresh.prune(self.net.rounds_in_memory, before=min(waited, default=None))
         except Exception:
             if not self._closing:
                 log.exception("could not rebuild the ledger; it stays stale")

@@ -101,7 +101,9 @@ async def test_old_rounds_leave_memory_and_a_message_reaching_back_is_still_coun
     cluster.wait_healthy(names=["cy"])
     await asyncio.sleep(1.5)  # each node prunes once a second
     ledgers = cluster.wait_converged(timeout=20)
-    assert len({lg["root"] for lg in ledgers.values()}) == 1
+    assert len({lg["root"] for lg in ledgers.values()}) == 1, {
+        n: (lg["root"][:8], lg["stale"], lg["messages"], get_json(cluster.url(n) + "/health")["intake"])
+        for n, lg in ledgers.items()}
     assert all(lg["rounds_in_memory"] < keep + CHECKPOINT_EVERY and not lg["stale"]
                for lg in ledgers.values()), ledgers
     assert all(lg["rounds"] >= 60 for lg in ledgers.values())

@@ -599,3 +599,29 @@ async def test_a_write_torn_part_way_is_cut_back(tmp_path, opened):
     assert [d.read_at(w) for w in where] == recs
     opened.close(d)
     assert reread(tmp_path, opened) == recs
+
+
+def test_sync_answers_reach_every_differing_bucket():
+    """When more buckets differ than one /sync answer covers, the answered ones vary, so the
+    last bucket is reached too (a peer lacking a registration keeps refusing its author's
+    messages: always answering the first buckets starved it of the one it needed)."""
+    import hashlib
+
+    import msgpack
+
+    from p2pml.gossip import BUCKETS, MAX_SYNC_BUCKETS, Gossip, Holdings
+
+    h = Holdings()
+    for b in range(BUCKETS):  # one message in every bucket
+        n = 0
+        while (mid := hashlib.sha256(bytes([b]) + n.to_bytes(4, "big")).digest())[0] != b:
+            n += 1
+        h.add(mid, b"envelope %d" % b)
+    gossip = Gossip("ada", [], h, None, request_timeout_ms=1000, interval_ms=500)
+    empty = Holdings().summary()
+    seen = set()
+    for _ in range(60):
+        buckets, ids = msgpack.unpackb(gossip.answer_sync(empty))
+        assert len(buckets) == MAX_SYNC_BUCKETS == len(ids) and buckets == sorted(buckets)
+        seen |= set(buckets)
+    assert seen == set(range(BUCKETS))
