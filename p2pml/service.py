@@ -140,7 +140,7 @@ class Node:
         self._rebuild_after = 0.0  # monotonic time before which no rebuild starts
         self._reached_at = self._stale_since = 0.0  # the last message that reached back; since when stale
         self._rebuilder = ThreadPoolExecutor(1, thread_name_prefix="rebuild")
-        self._running = self._closing = False
+        self._closing = False
         self.rebuilds = 0
         self._load()
 
@@ -205,7 +205,6 @@ class Node:
         if self._lost:
             self._after_crash()
         self.data.begin_run()  # from here on we send what we sign before it is durable
-        self._running = True
         self._tasks += [
             asyncio.create_task(self._query_loop(), name="queries"),
             asyncio.create_task(self._vote_loop(), name="votes"),
@@ -794,6 +793,12 @@ class Node:
         self.data.write_ledger(view)
         self._written_root = view["root"]
 
+    def _prune(self, ledger: Ledger) -> None:
+        """Down to rounds_in_memory, but never the rounds clients are waiting on (a member's
+        flood of queries must not push them out before they are answered)."""
+        waited = [k for rid in self._waiters if (k := ledger.key(rid)) is not None]
+        ledger.prune(self.net.rounds_in_memory, before=min(waited, default=None))
+
     def _maybe_rebuild(self) -> None:
         """Rebuild the stale ledger once messages stopped reaching back for a moment (or have
         for long), unless a rebuild runs or one ended too recently (a member that keeps sending
@@ -824,8 +829,7 @@ class Node:
                 lambda i: self._held_message(ids[i]), self.net.rounds_in_memory, False)
             for msg in self._rebuild_tail:  # held meanwhile: before the last prune
                 fresh.add(msg)
-            waited = [k for rid in self._waiters if (k := fresh.key(rid)) is not None]
-            fresh.prune(self.net.rounds_in_memory, before=min(waited, default=None))
+            self._prune(fresh)
         except Exception:
             if not self._closing:
                 log.exception("could not rebuild the ledger; it stays stale")
@@ -842,10 +846,7 @@ class Node:
     async def _ledger_writer(self) -> None:
         while True:
             await asyncio.sleep(LEDGER_WRITE_INTERVAL_S)
-            # not the rounds clients are waiting on (a member's flood of queries must not
-            # push them out before they are answered)
-            waited = [k for rid in self._waiters if (k := self.ledger.key(rid)) is not None]
-            self.ledger.prune(self.net.rounds_in_memory, before=min(waited, default=None))
+            self._prune(self.ledger)
             if self.ledger.stale:  # also after a failed rebuild, or with nothing arriving since
                 self._maybe_rebuild()
             view = self.ledger_view()

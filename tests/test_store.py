@@ -62,6 +62,19 @@ def log_bytes(path) -> bytes:
     return (path / LOG_FILE).read_bytes()
 
 
+def fail_fsync_once(monkeypatch):
+    real = os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
 def reread(path, opened) -> list[bytes]:
     d = opened(path)
     try:
@@ -444,22 +457,12 @@ async def test_failed_write_is_cut_back_and_retried(tmp_path, opened, monkeypatc
     d.read_log()
     d.append([b"first"])
     await d.commit()
-    real_fsync = os.fsync
-    calls = {"n": 0}
-
-    def failing_fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(28, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    fail_fsync_once(monkeypatch)
     d.append([b"second"])
     with pytest.raises(OSError):
         await d.commit()
     d.append([b"third"])
     await d.commit()  # acknowledged: it must survive a restart, behind nothing torn
-    monkeypatch.setattr(os, "fsync", real_fsync)
     opened.close(d)
     assert reread(tmp_path, opened) == [b"first", b"second", b"third"]
 
@@ -475,23 +478,13 @@ async def test_records_are_read_back_by_the_offset_append_gave(tmp_path, opened,
     assert d.durable_end <= where[0]
     await d.commit()
     assert d.durable_end > where[-1]
-    real_fsync = os.fsync
-    calls = {"n": 0}
-
-    def failing_fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(28, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    fail_fsync_once(monkeypatch)
     where += d.append(recs[3:5])
     with pytest.raises(OSError):
         await d.commit()
     assert d.durable_end <= where[3]  # cut back: not there
     where += d.append(recs[5:])
     await d.commit()
-    monkeypatch.setattr(os, "fsync", real_fsync)
     assert [d.read_at(w) for w in where] == recs
     for bad in (where[1] + 1, d.durable_end, 0):
         with pytest.raises(StoreError, match="no intact record"):
@@ -531,18 +524,6 @@ async def test_holdings_keep_only_the_latest_envelopes_in_memory(tmp_path, opene
     before = h.summary()
     assert h.differing(before) == []
 
-
-def fail_fsync_once(monkeypatch):
-    real = os.fsync
-    calls = {"n": 0}
-
-    def fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(28, "No space left on device")
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
 
 
 async def test_a_failed_write_keeps_its_place_whoever_waits(tmp_path, opened, monkeypatch):
