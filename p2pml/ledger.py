@@ -702,6 +702,10 @@ class Ledger:
     def is_member(self, key: bytes) -> bool:
         return key in self._seats
 
+    def members(self) -> set[bytes]:
+        """The keys that hold a seat (active or not)."""
+        return set(self._seats)
+
     def genesis_state(self) -> State:
         state = State()
         for key, msg in sorted(self._seats.items(), key=lambda kv: kv[1].body.name):

@@ -353,3 +353,115 @@ async def test_a_node_never_votes_nor_reveals_on_rounds_it_pruned(tmp_path, monk
         assert node._reveals([mine]) == [] and mine not in node._own
     finally:
         await node.close()
+
+
+async def test_a_node_does_not_vote_where_every_other_member_has_revealed(tmp_path):
+    """A real node object, no network: of a query's two rounds, the one every other member has
+    revealed on already gets no vote from it (no reveal can list its commit any more: the vote
+    would be late, never counted), the other one does. A node back from a long absence fetches
+    thousands of such rounds; its votes on them made every peer rebuild its ledger."""
+    from p2pml import service
+    from p2pml.config import MODEL_KINDS, NetworkConfig, PeerConfig
+    from p2pml.ledger import DEPOSIT, Query, Register, Votes, round_id
+    from p2pml.store import DataDir
+    from tests.conftest import Net
+
+    peers = tuple(PeerConfig(n, "127.0.0.1", p, MODEL_KINDS[i])
+                  for i, (n, p) in enumerate(zip(("ada", "bo", "cy"), free_ports(3))))
+    net3 = Net(3)
+    assert net3.gid == NetworkConfig(peers).genesis().id()
+    (tmp_path / "cy").mkdir(mode=0o700)
+    (tmp_path / "cy" / "node.key").write_bytes(bytes([3]) * 32)  # net3's seed for cy
+    (tmp_path / "cy" / "node.key").chmod(0o600)
+    node = service.Node(NetworkConfig(peers), peers[2], DataDir(tmp_path / "cy"))
+    try:
+        sign = net3.ids[0].sign, net3.ids[1].sign
+        query = sign[0](net3.gid, Query(1, ((5.1, 3.5, 1.4, 0.2), (6.1, 2.8, 4.7, 1.2))))
+        done, open_ = (round_id(query.msg.id, k) for k in range(2))
+        held = [sign[0](net3.gid, Register("ada", MODEL_KINDS[0], DEPOSIT)),
+                sign[1](net3.gid, Register("bo", MODEL_KINDS[1], DEPOSIT)), query]
+        held += [sign[i](net3.gid, Votes(2, net3.commits(i, [(done, 0)]), net3.reveals(i, [(done, 0)])))
+                 for i in range(2)]  # both others revealed on one round
+        held.append(sign[1](net3.gid, Votes(3, net3.commits(1, [(open_, 0)]), ())))  # not on this
+        for signed in held:
+            assert node._hold(signed) is None, signed.msg
+        published = []
+
+        async def spy(signed, wait):
+            published.append(signed.msg)
+
+        node._publish = spy
+        before = node.stats["not_voted"]
+        await node._vote(node._next_batch(), [], asyncio.get_running_loop())
+        assert [c.round for c in published[-1].body.commits] == [open_]
+        assert node.stats["not_voted"] == before + 1
+    finally:
+        await node.close()
+
+
+
+async def test_a_vote_that_needs_scikit_learn_does_not_stall_the_event_loop(tmp_path, monkeypatch):
+    """A real knn node object: a query whose rows tie at the k-th neighbour needs scikit-learn,
+    which a node loads only then (about 0.8 s in a node; this test process has imported it
+    already, so the load is made 0.5 s slower); the loop keeps turning meanwhile (the model
+    call goes to a worker thread), and the vote is scikit-learn's."""
+    import time
+
+    import numpy as np
+
+    from p2pml import model, service
+    from p2pml.config import MODEL_KINDS, NetworkConfig, PeerConfig
+    from p2pml.ledger import DEPOSIT, Query, Register
+    from p2pml.model import Model, _split
+    from p2pml.store import DataDir
+    from tests.conftest import Net
+
+    names = ("ada", "bo", "cy", "di")
+    peers = tuple(PeerConfig(n, "127.0.0.1", p, MODEL_KINDS[i]) for i, (n, p) in enumerate(zip(names, free_ports(4))))
+    net4 = Net(4)
+    (tmp_path / "di").mkdir(mode=0o700)
+    (tmp_path / "di" / "node.key").write_bytes(bytes([4]) * 32)
+    (tmp_path / "di" / "node.key").chmod(0o600)
+    node = service.Node(NetworkConfig(peers), peers[3], DataDir(tmp_path / "di"))
+    try:
+        assert node.model.kind == "knn" and node.model.predict_proba.slow._proba is None
+        x_train = _split()[0]
+        i, j = np.triu_indices(len(x_train), 1)
+        mid = (x_train[i] + x_train[j]) / 2
+        ties = [r for r in mid if node.model.vote_inline(r[None, :].copy(), [b""]) is None][:8]
+        assert ties, "no knn tie among the midpoints"
+        real_fit = model._fit
+
+        def slow_fit(kind):
+            time.sleep(0.5)
+            return real_fit(kind)
+
+        monkeypatch.setattr(model, "_fit", slow_fit)
+        ada = net4.ids[0]
+        node._hold(ada.sign(net4.gid, Register("ada", MODEL_KINDS[0], DEPOSIT)))
+        node._hold(ada.sign(net4.gid, Query(1, tuple(tuple(map(float, r)) for r in ties))))
+        published, gaps = [], []
+
+        async def spy(signed, wait):
+            published.append(signed.msg)
+
+        async def ticker():
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        node._publish = spy
+        tick = asyncio.create_task(ticker())
+        started = time.monotonic()
+        await node._vote(node._next_batch(), [], asyncio.get_running_loop())
+        took = time.monotonic() - started
+        tick.cancel()
+        assert node.model.predict_proba.slow._proba is not None  # loaded, for these rows
+        assert len(published[-1].body.commits) == len(ties)
+        labels = [label for label, _, _, _ in (node._own[c.round] for c in published[-1].body.commits)]
+        assert labels == [int(p.argmax()) for p in Model("knn").estimator.predict_proba(np.array(ties))]
+        assert took >= 0.5 and max(gaps, default=took) < 0.25, (gaps, took)
+    finally:
+        await node.close()

@@ -184,6 +184,26 @@ def test_a_model_trained_in_a_child_process_votes_exactly_the_same(kind):
         assert child.predict_proba.slow._proba is not None
 
 
+def test_on_the_event_loop_a_vote_that_needs_scikit_learn_is_left_to_a_thread():
+    """``vote_inline`` (what a node calls on its event loop) gives None instead of loading
+    scikit-learn for a knn tie (about 0.8 s); ``vote`` in a worker thread loads it, and from
+    then on ``vote_inline`` answers, the same as scikit-learn."""
+    import concurrent.futures
+
+    child = Model("knn", separate=True)
+    x_train = _split()[0]
+    i, j = np.triu_indices(len(x_train), 1)
+    mid = np.ascontiguousarray((x_train[i] + x_train[j]) / 2)
+    x = held_out()[0]
+    assert child.vote_inline(x, [b""] * len(x)) == child.vote(x, [b""] * len(x))  # no tie: fast
+    assert child.vote_inline(mid, [b""] * len(mid)) is None
+    assert child.predict_proba.slow._proba is None  # not loaded by it
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two threads at once train it once
+        first, second = (pool.submit(child.vote, mid, [b""] * len(mid)) for _ in range(2))
+        assert first.result() == second.result() == _model("knn").vote(mid, [b""] * len(mid))
+    assert child.vote_inline(mid, [b""] * len(mid)) == first.result()
+
+
 def test_parameters_cross_processes_exactly():
     found = model.fast_params(_model("svm").estimator)
     name, params = model._unpack(model._pack(*found))
