@@ -166,11 +166,14 @@ async def health(request: web.Request) -> web.Response:
     if node.key_conflict:
         return web.json_response({"status": "key in use elsewhere", "error": node.key_conflict},
                                  status=503)
+    backlog = node.data.backlog()
+    if backlog:
+        return web.json_response({"status": "cannot write its log", "error": backlog}, status=503)
     return web.json_response({"status": "ok", "peer": node.id, "name": node.me.name,
                               "model": node.me.model, "behavior": node.model.behavior,
                               "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
                               "intake": node.stats, "pushes": node.gossip.pushes,
-                              "rebuilds": node.rebuilds,
+                              "rebuilds": node.rebuilds, "unwritten_bytes": node.data.unwritten,
                               "outbox_dropped": {n: link.dropped for n, link in node.gossip.links.items()},
                               "scores": node.scores.view(),
                               "connections": request.app[GUARD].view()})
@@ -206,6 +209,8 @@ async def gossip(request: web.Request) -> web.Response:
         request.app[NODE].scores.penalize(source)
         raise BadInput(str(exc)) from None
     result = await request.app[NODE].ingest(envs, source)
+    if "unavailable" in result:
+        raise web.HTTPServiceUnavailable(text=result["unavailable"], headers={"Retry-After": "1"})
     # A batch is judged message by message; only one with nothing usable at all is a 400.
     if envs and result["rejected"] == len(envs):
         return web.json_response({"error": f"every message was rejected: {result['errors'][0]}",

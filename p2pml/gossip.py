@@ -444,21 +444,27 @@ class Gossip:
             batch = await self._post(link, "/fetch", pack(missing[k : k + MAX_BATCH_MESSAGES]))
             if batch is None:
                 return
-            await self._ingest_batch(batch, f"peer {link.cfg.name}")
+            if not await self._ingest_batch(batch, f"peer {link.cfg.name}"):
+                return  # not taken (our log cannot be written now): fetch no more
         valid = sorted({b for b in buckets if type(b) is int and 0 <= b < BUCKETS})[:MAX_SYNC_BUCKETS]
         lacking = [i for i in self.holdings.ids_in(valid) if i not in their_ids][:MAX_OUTBOX]
         if lacking:  # old envelopes are read back from the log: not on the event loop
             extra = await asyncio.to_thread(self.holdings.get_many, lacking)
             self._enqueue(link, extra)
 
-    async def _ingest_batch(self, data: bytes, source: str) -> None:
+    async def _ingest_batch(self, data: bytes, source: str) -> bool:
+        """Whether the batch was taken (even if some of it was rejected)."""
         try:
             envs = unpack_batch(data)
         except WireError as exc:
             log.debug("%s sent a bad /fetch answer: %s", source, exc)
             self.scores.penalize(source)
-            return
-        await self._ingest(envs, source)
+            return True
+        result = await self._ingest(envs, source)
+        if "unavailable" in result:
+            log.warning("fetched from %s, not durable: %s", source, result["unavailable"])
+            return False
+        return True
 
     # -- the serving side of anti-entropy -------------------------------------------------------
 

@@ -60,6 +60,7 @@ INLINE_ROWS = 64  # model calls on at most this many rows run on the loop (at mo
 MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
 STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
+BACKLOG_RETRY_S = 0.5  # how often the vote task looks again while the log cannot be written
 COALESCE_TURNS = 3  # event-loop turns a woken query or vote task lets pass before taking its batch
 REVEAL_AFTER = 0.5  # of query_timeout_ms: reveal then even if some expected commits are missing
 REBUILD_PAUSE_S = 1.0  # at least this long, and as long as the last one took, between ledger rebuilds
@@ -137,7 +138,8 @@ class Node:
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
         self._tasks: list[asyncio.Task] = []
         self._written_root = ""
-        self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "not_voted": 0}
+        self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "not_voted": 0,
+                      "refused": 0}  # refused: not taken while the log cannot be written
         self.key_conflict: str | None = None  # set once a vote by our key that we never signed shows up
         # The last run crashed (or our log lost its tail): votes we had sent may be lost, and
         # may come back from peers (see start). Otherwise any vote of ours that we do not hold
@@ -395,6 +397,10 @@ class Node:
         """Verify and hold a batch of decoded envelopes from a peer. With ``acknowledge`` (the
         sender will be told), durable before returning; otherwise written in the background.
         Provably invalid messages count against ``source`` (see ``gossip.Scores``)."""
+        backlog = self.data.backlog()
+        if backlog:  # nothing is lost: the sender keeps what it sent, anti-entropy offers it again
+            self.stats["refused"] += len(envs)
+            return {"accepted": 0, "duplicate": 0, "rejected": 0, "unavailable": f"not taking messages: {backlog}"}
         accepted = duplicate = rejected = invalid = 0
         errors: list[str] = []
         for env in envs:
@@ -431,8 +437,13 @@ class Node:
             self.data.commit_soon()
             return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected}
         await asyncio.sleep(0)  # let the votes this batch woke join the same fsync
-        await self.data.commit()
-        return {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
+        result = {"accepted": accepted, "duplicate": duplicate, "rejected": rejected, "errors": errors}
+        try:
+            await self.data.commit()
+        except OSError as exc:  # held, and written once the disk lets us: but not durable yet
+            result["unavailable"] = (f"writing the log failed ({exc.strerror or exc}): what was "
+                                     "accepted is not durable yet; send it again later")
+        return result
 
     def _foreign_own_vote(self, msg: Message, source: str) -> None:
         """A vote by our key that we did not hold. After a clean start, another process signed
@@ -544,6 +555,8 @@ class Node:
         while True:
             await self._vote_wake.wait()
             await _let_arrivals_in()
+            while self.data.backlog():  # what we sign must reach the log too: wait for it
+                await asyncio.sleep(BACKLOG_RETRY_S)
             self._vote_wake.clear()
             while self._to_vote or self._to_reveal:
                 batch = self._next_batch()
@@ -706,6 +719,9 @@ class Node:
             raise Unavailable(self.key_conflict)
         if len(self._queries) >= MAX_QUEUED_QUERIES:
             raise Unavailable(f"overloaded: {len(self._queries)} queries already waiting")
+        backlog = self.data.backlog()
+        if backlog:
+            raise Unavailable(f"cannot open a round: {backlog}")
         fut = asyncio.get_running_loop().create_future()
         self._queries.append((row, fut))
         self._query_wake.set()

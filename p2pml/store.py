@@ -38,6 +38,9 @@ RUNNING_FILE = "running"
 # instead of one per gossip frame (fsync was the largest CPU cost per process after
 # verification). Nobody waits on it; a crash may lose it; its senders hold it durably.
 BACKGROUND_COMMIT_DELAY_S = 0.2
+# Appended but not yet durable: beyond this (a disk that keeps failing), a node takes nothing
+# more until the log catches up, so its memory stays bounded (peers resend, anti-entropy repairs).
+MAX_UNWRITTEN_BYTES = 64 << 20
 
 
 def _resolve(fut: asyncio.Future, outcome: int | Exception) -> None:
@@ -207,6 +210,18 @@ class DataDir:
             offsets.append(self._end)
             self._end += RECORD_HEADER.size + len(raw)
         return offsets
+
+    @property
+    def unwritten(self) -> int:
+        """Bytes appended and not yet durable."""
+        return self._end - self.durable_end
+
+    def backlog(self) -> str | None:
+        """Why nothing more should be appended now (None: go on)."""
+        if self._end - self.durable_end <= MAX_UNWRITTEN_BYTES:
+            return None
+        return (f"{self.unwritten / (1 << 20):.1f} MiB already accepted are waiting to be written "
+                f"to {self.path / LOG_FILE} (writing it keeps failing); try again later")
 
     def _write(self, records: list[bytes], expected: int) -> int:
         """Append and fsync; on failure cut the file back to where it was, so that a torn

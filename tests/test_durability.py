@@ -465,3 +465,78 @@ async def test_a_vote_that_needs_scikit_learn_does_not_stall_the_event_loop(tmp_
         assert took >= 0.5 and max(gaps, default=took) < 0.25, (gaps, took)
     finally:
         await node.close()
+
+
+async def test_a_log_that_cannot_be_written_stops_intake_and_loses_nothing(tmp_path, monkeypatch):
+    """A real node and its HTTP API (in this process, so that fsync can fail: "no space left").
+    Gossip it accepted but could not make durable is answered 503, not 500; once the unwritten
+    backlog passes its bound, intake is refused (503, naming the problem) and so are new
+    rounds and the health check, so memory stays bounded; when the disk works again,
+    everything accepted is written, intake resumes, and the log holds every message."""
+    import os
+
+    import aiohttp
+    import msgpack
+    from aiohttp.test_utils import TestServer
+
+    from p2pml import store
+    from p2pml.api import make_app
+    from p2pml.config import MODEL_KINDS, NetworkConfig, PeerConfig
+    from p2pml.ledger import DEPOSIT, Query, Register
+    from p2pml.service import Node
+    from p2pml.wire import Identity, pack_batch
+
+    monkeypatch.setattr(store, "MAX_UNWRITTEN_BYTES", 4096)
+    peers = tuple(PeerConfig(n, "127.0.0.1", p, MODEL_KINDS[i])
+                  for i, (n, p) in enumerate(zip(("ada", "bo", "cy"), free_ports(3))))
+    net = NetworkConfig(peers)
+    gid = net.genesis().id()
+    ada = Identity.from_seed(bytes([1]) * 32)
+    node = Node(net, peers[2], store.DataDir(tmp_path / "cy"))
+    node._hold(ada.sign(gid, Register("ada", MODEL_KINDS[0], DEPOSIT)))
+    node.data.commit_now()
+    queries = [ada.sign(gid, Query(n + 1, ((5.1 + n / 100, 3.5, 1.4, 0.2),))) for n in range(300)]
+    batches = [pack_batch([q.raw for q in queries[k : k + 10]]) for k in range(0, len(queries), 10)]
+    real_fsync, failing = os.fsync, {"on": False}
+
+    def fsync(fd):
+        if failing["on"]:
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    server = TestServer(make_app(node), host="127.0.0.1", port=free_ports(1)[0])
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}"
+    answers = []
+    try:
+        async with aiohttp.ClientSession(headers={"Content-Type": "application/msgpack"}) as http:
+            failing["on"] = True
+            for batch in batches:
+                async with http.post(url + "/gossip", data=batch) as r:
+                    answers.append((r.status, (await r.json())["error"]))
+                if "not taking messages" in answers[-1][1]:
+                    break
+            assert answers[0][0] == 503 and "No space left on device" in answers[0][1], answers[0]
+            assert answers[-1][0] == 503 and "MiB already accepted are waiting" in answers[-1][1], answers
+            taken = sum(1 for q in queries if q.msg.id in node.holdings)
+            assert 0 < taken < len(queries)
+            assert node.data.unwritten <= 4096 + len(batches[0]) * 3  # the batch, and votes on it
+            async with http.get(url + "/health") as r:
+                assert r.status == 503 and (await r.json())["status"] == "cannot write its log"
+            async with http.get(url + "/predict?features=5.1,3.5,1.4,0.2") as r:
+                assert r.status == 503 and "cannot open a round" in (await r.json())["error"]
+            failing["on"] = False  # the disk is back: what was accepted is written
+            await node.data.commit()
+            assert node.data.unwritten == 0
+            async with http.get(url + "/health") as r:
+                assert r.status == 200, await r.text()
+            for batch in batches:  # the sender tries again: the rest is taken
+                async with http.post(url + "/gossip", data=batch) as r:
+                    assert r.status == 200, await r.text()
+    finally:
+        await server.close()  # closes the node too
+    logged = store.DataDir(tmp_path / "cy")
+    held = {msgpack.unpackb(raw)[1] for raw in logged.read_log()}
+    logged.close()
+    assert all(msgpack.unpackb(q.raw)[1] in held for q in queries)
