@@ -605,10 +605,10 @@ class Model:
     def vote(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]]:
         if self.behavior in ("honest", "equivocate", "withhold", "copycat"):
             proba = self.predict_proba(rows)
-            ppm = np.rint(proba * PROBA_ONE)
+            ppm = np.rint(proba * PROBA_ONE).astype(np.int64)
             np.maximum(ppm, 0, out=ppm)  # the ufuncs: np.clip costs more than the model on few rows
             np.minimum(ppm, PROBA_ONE, out=ppm)
-            return list(zip(proba.argmax(axis=1).tolist(), map(tuple, ppm.astype(np.int64).tolist())))
+            return list(zip(proba.argmax(axis=1).tolist(), map(tuple, ppm.tolist())))
         if self.behavior == "wrong":
             labels = (self.predict_proba(rows).argmax(axis=1) + 1) % len(CLASSES)
         elif self.behavior == "random":

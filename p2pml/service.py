@@ -504,6 +504,8 @@ class Node:
                 try:
                     lamport, rows = self._next_lamport(), tuple(row for row, _ in batch)
                     votes = await self._own_votes(lamport, rows)
+                    if self.key_conflict:  # found out during the model call: commit to nothing
+                        votes = []
                     signed = self.identity.sign(self.genesis_id, Query(
                         lamport, rows, tuple(digest for _, _, digest in votes)))
                     expected = self.expected_voters()
@@ -555,10 +557,10 @@ class Node:
         while True:
             await self._vote_wake.wait()
             await _let_arrivals_in()
-            while self.data.backlog():  # what we sign must reach the log too: wait for it
-                await asyncio.sleep(BACKLOG_RETRY_S)
             self._vote_wake.clear()
             while self._to_vote or self._to_reveal:
+                while self.data.backlog():  # what we sign must reach the log too: wait for it
+                    await asyncio.sleep(BACKLOG_RETRY_S)
                 batch = self._next_batch()
                 reveal = list(self._to_reveal)[:MAX_ITEMS]
                 for rid in reveal:
@@ -580,15 +582,16 @@ class Node:
         # a round folded for good (``Ledger.prune``) is thousands of rounds old: a vote on it
         # would be late, never counted, and would only make every ledger rebuild
         batch = [item for item in batch if not self.ledger.is_pruned(item[0])]
-        # Nor on a round every other seat holder has revealed on: no reveal can list a commit of ours
-        # now, so the vote would be late too (a node back from a long absence fetches
+        # Nor on a round every other seat holder has revealed on without listing a commit of
+        # ours: none can list one made now, so the vote would be late too (a node back from a long absence fetches
         # thousands of such rounds; its votes on them made every peer rebuild its ledger).
         others = self.ledger.members() - {me}
         fresh = []
         for item in batch:
             if self.ledger.commits_of(me, item[0]):
                 continue
-            if others and others <= self.ledger.revealers(item[0]):
+            if (others and others <= self.ledger.revealers(item[0])
+                    and me not in self.ledger.listed(item[0])):  # listed: a commit a crash lost
                 self.stats["not_voted"] += 1
             else:
                 fresh.append(item)
