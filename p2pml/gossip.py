@@ -233,7 +233,8 @@ class Gossip:
         self.scores = scores or Scores(64, 30.0)
         self._local_host = local_host
         self.links = {p.name: Link(p) for p in peers}
-        self.caught_up: set[str] = set()  # peers one of whose syncs left nothing we lacked
+        self.caught_up: set[str] = set()  # peers all of whose buckets we settled (reconcile)
+        self._covered: dict[str, set[int]] = {}  # peer -> buckets settled since start
         self.holdings = holdings
         self._ingest = ingest
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_ms / 1000,
@@ -428,10 +429,13 @@ class Gossip:
         if answer is None:
             return
         try:
-            buckets, theirs, complete = msgpack.unpackb(answer, max_bin_len=64, max_map_len=0,
-                                                        max_array_len=MAX_SYNC_IDS, max_str_len=0)
-            if type(buckets) is not list or type(theirs) is not list:
-                raise ValueError("expected [buckets, ids, complete]")
+            fields = msgpack.unpackb(answer, max_bin_len=64, max_map_len=0,
+                                     max_array_len=MAX_SYNC_IDS, max_str_len=0)
+            if type(fields) is not list or len(fields) not in (2, 3):
+                raise ValueError("expected [buckets, ids, settled]")
+            buckets, theirs, settled = (fields + [[]])[:3]  # [buckets, ids]: an older peer
+            if type(buckets) is not list or type(theirs) is not list or type(settled) is not list:
+                raise ValueError("expected [buckets, ids, settled]")
         except (*MSGPACK_ERRORS, TypeError, ValueError) as exc:
             log.debug("peer %s sent a bad /sync answer: %r", link.cfg.name, exc)
             return
@@ -444,11 +448,16 @@ class Gossip:
                 return
             if not await self._ingest_batch(batch, f"peer {link.cfg.name}"):
                 return  # not taken (our log cannot be written now): fetch no more
-        # We hold all it held (as of its answer) if the answer listed every id in every bucket
-        # that differed and we hold them now. Not "nothing was missing": under constant load
-        # something always is, at the moment of a sync (and a node back from a crash kept its
-        # crash marker for good, see Node.close).
-        if complete is True and all(i in self.holdings for i in missing):
+        # Caught up: every bucket has been settled since we started, by one sync or another
+        # (it matched, or it was listed whole and we hold what it listed). What the peer held
+        # before any of those syncs we hold now. Not "a sync found nothing missing": under
+        # constant load something always is, and a node back from a crash kept its crash
+        # marker for good (see Node.close); nor "one answer listed every differing id": with a
+        # long history a few busy buckets hold more than one answer lists.
+        lacking = {i[0] for i in missing if i not in self.holdings}
+        covered = self._covered.setdefault(link.cfg.name, set())
+        covered.update(b for b in settled if type(b) is int and 0 <= b < BUCKETS and b not in lacking)
+        if len(covered) == BUCKETS:
             self.caught_up.add(link.cfg.name)
         valid = sorted({b for b in buckets if type(b) is int and 0 <= b < BUCKETS})[:MAX_SYNC_BUCKETS]
         lacking = [i for i in self.holdings.ids_in(valid) if i not in their_ids][:MAX_OUTBOX]
@@ -481,16 +490,19 @@ class Gossip:
         if len(buckets) > MAX_SYNC_BUCKETS:
             buckets = sorted(random.sample(buckets, MAX_SYNC_BUCKETS))
         ids: list[bytes] = []
-        answered = []
+        answered, full = [], []
         for b in buckets:
             more = self.holdings.ids_in([b])
             if ids and len(ids) + len(more) > MAX_SYNC_IDS:
                 break
             ids.extend(more[:MAX_SYNC_IDS])
             answered.append(b)
-        complete = len(answered) == len(differ) and len(ids) == sum(
-            len(self.holdings.ids_in([b])) for b in answered)  # every differing id is listed
-        return pack([answered, ids, complete])
+            if len(more) <= MAX_SYNC_IDS:
+                full.append(b)
+        # settled: the buckets where the asker holds all we hold once it holds what we listed
+        # (those that match, and those listed whole; only a first bucket can be cut short)
+        settled = sorted(set(range(BUCKETS)).difference(differ).union(full))
+        return pack([answered, ids, settled])
 
     def answer_fetch(self, ids) -> bytes:
         """The envelopes asked for that this node holds, as much as fits in one batch (the rest

@@ -61,10 +61,6 @@ MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more 
 STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
 BACKLOG_RETRY_S = 0.5  # how often the vote task looks again while the log cannot be written
-# While rounds of this node's clients are still out, a new query message waits until this long
-# after the last one, gathering more rows: 32 clients side by side, 2.7 -> 3.4 rows a query,
-# about 9% more queries a second. Sequentially no round is out, and nothing waits.
-QUERY_SPACING_S = 0.02
 COALESCE_TURNS = 3  # event-loop turns a woken query or vote task lets pass before taking its batch
 REVEAL_AFTER = 0.5  # of query_timeout_ms: reveal then even if some expected commits are missing
 REBUILD_PAUSE_S = 1.0  # at least this long, and as long as the last one took, between ledger rebuilds
@@ -139,7 +135,6 @@ class Node:
         self._late_streak: dict[bytes, int] = {}  # key -> reveals in a row its commit missed
         self._keys: dict[str, bytes] = {p.name: p.key for p in net.peers if p.key}  # seat -> key
         self._vote_wake = asyncio.Event()
-        self._last_query_at = 0.0  # when our last query message was signed
         self._waiters: dict[bytes, tuple[frozenset[bytes], asyncio.Event]] = {}
         self._tasks: list[asyncio.Task] = []
         self._written_root = ""
@@ -498,8 +493,6 @@ class Node:
         while True:
             await self._query_wake.wait()
             await _let_arrivals_in()
-            if self._waiters:  # our earlier rounds are still out: let this batch fill a while
-                await asyncio.sleep(max(0.0, self._last_query_at + QUERY_SPACING_S - time.monotonic()))
             self._query_wake.clear()
             if self.net.batch_window_ms:
                 await asyncio.sleep(self.net.batch_window_ms / 1000)
@@ -521,7 +514,6 @@ class Node:
                         self._own[rid] = (label, proba, self.identity.key, expected)
                     # It travels while it is written: no later message of ours can commit on
                     # these rounds, which exist only through this query.
-                    self._last_query_at = time.monotonic()
                     await self._publish(signed, wait=True)
                     if votes:
                         asyncio.get_running_loop().call_later(
@@ -590,16 +582,20 @@ class Node:
         # a round folded for good (``Ledger.prune``) is thousands of rounds old: a vote on it
         # would be late, never counted, and would only make every ledger rebuild
         batch = [item for item in batch if not self.ledger.is_pruned(item[0])]
-        # Nor on a round every other seat holder has revealed on without listing a commit of
-        # ours: none can list one made now, so the vote would be late too (a node back from a long absence fetches
+        # Nor on a round every other seat holder has revealed on: none can list a commit made
+        # now, so the vote would be late too (a node back from a long absence fetches
         # thousands of such rounds; its votes on them made every peer rebuild its ledger).
         others = self.ledger.members() - {me}
         fresh = []
         for item in batch:
             if self.ledger.commits_of(me, item[0]):
                 continue
-            if (others and others <= self.ledger.revealers(item[0])
-                    and me not in self.ledger.listed(item[0])):  # listed: a commit a crash lost
+            if me in self.ledger.listed(item[0]):
+                # A reveal lists a commit of ours we do not hold: a crash lost it. A fresh one
+                # could contradict it (a changed model); reveal it when it is back (_unvoted).
+                self._unvoted[item[0]] = item
+                self.stats["not_voted"] += 1
+            elif others and others <= self.ledger.revealers(item[0]):
                 self.stats["not_voted"] += 1
             else:
                 fresh.append(item)

@@ -320,7 +320,8 @@ class DataDir:
         if isinstance(outcome, Exception):
             self._pending[:0] = records
             log.error("writing %s failed: %s", self.path / LOG_FILE, outcome)
-            self.commit_soon()  # retried until it works, whoever else writes or waits (or not)
+            if isinstance(outcome, OSError):  # a broken promise of offsets is not retried
+                self.commit_soon()  # retried until it works, whoever else writes or waits (or not)
         else:
             self.durable_end = max(self.durable_end, outcome)
         _resolve(done, outcome)

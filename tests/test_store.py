@@ -602,18 +602,18 @@ def test_sync_answers_reach_every_differing_bucket():
     empty = Holdings().summary()
     seen = set()
     for _ in range(60):
-        buckets, ids, complete = msgpack.unpackb(gossip.answer_sync(empty))
-        assert len(buckets) == MAX_SYNC_BUCKETS == len(ids) and buckets == sorted(buckets) and not complete
+        buckets, ids, settled = msgpack.unpackb(gossip.answer_sync(empty))
+        assert len(buckets) == MAX_SYNC_BUCKETS == len(ids) and buckets == sorted(buckets) == settled
         seen |= set(buckets)
     assert seen == set(range(BUCKETS))
 
 
 async def test_caught_up_after_fetching_what_a_complete_sync_listed():
-    """A node is caught up with a peer (what lets it clear its crash marker) once a sync that
-    covered every differing bucket listed nothing it does not hold after fetching: under
-    constant load something is always missing at the moment of the sync, so "nothing missing"
-    was never true and the marker stayed for good. A sync that answered only some of the
-    differing buckets says nothing about the others: not caught up then."""
+    """A node is caught up with a peer (what lets it clear its crash marker) once every bucket
+    has been settled by some sync: it matched, or the answer listed it whole and the node holds
+    what it listed. Under constant load something is always missing at the moment of a sync,
+    so "nothing missing" was never true and the marker stayed for good. A sync that answered
+    only some of the differing buckets settles only those."""
     from p2pml.config import PeerConfig
     from p2pml.gossip import BUCKETS, MAX_SYNC_BUCKETS, Gossip, Holdings
     from p2pml.ledger import Query
@@ -667,3 +667,26 @@ async def test_caught_up_after_fetching_what_a_complete_sync_listed():
         if "bo" in me.caught_up:
             break
     assert all(s.msg.id in mine for s in every) and "bo" in me.caught_up
+
+
+def test_a_bucket_cut_short_by_the_answer_limit_is_not_settled(monkeypatch):
+    """An answer lists at most MAX_SYNC_IDS ids: a bucket it cuts short is not settled (the
+    asker cannot hold what was not listed), every matching one is."""
+    import hashlib
+
+    import msgpack
+
+    from p2pml import gossip as g
+
+    monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
+    h = g.Holdings()
+    n = 0
+    while len(h) < 5:  # five messages in bucket 7
+        mid = hashlib.sha256(n.to_bytes(4, "big")).digest()
+        if mid[0] == 7:
+            h.add(mid, b"envelope")
+        n += 1
+    peer = g.Gossip("bo", [], h, None, request_timeout_ms=1000, interval_ms=500)
+    buckets, ids, settled = msgpack.unpackb(peer.answer_sync(g.Holdings().summary()))
+    assert buckets == [7] and len(ids) == 3
+    assert settled == [b for b in range(g.BUCKETS) if b != 7]
