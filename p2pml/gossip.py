@@ -454,9 +454,9 @@ class Gossip:
         # constant load something always is, and a node back from a crash kept its crash
         # marker for good (see Node.close); nor "one answer listed every differing id": with a
         # long history a few busy buckets hold more than one answer lists.
-        lacking = {i[0] for i in missing if i not in self.holdings}
+        unsettled = {i[0] for i in missing if i not in self.holdings}  # buckets we still lack ids of
         covered = self._covered.setdefault(link.cfg.name, set())
-        covered.update(b for b in settled if type(b) is int and 0 <= b < BUCKETS and b not in lacking)
+        covered.update(b for b in settled if type(b) is int and 0 <= b < BUCKETS and b not in unsettled)
         if len(covered) == BUCKETS:
             self.caught_up.add(link.cfg.name)
         valid = sorted({b for b in buckets if type(b) is int and 0 <= b < BUCKETS})[:MAX_SYNC_BUCKETS]

@@ -586,23 +586,24 @@ class Node:
         # now, so the vote would be late too (a node back from a long absence fetches
         # thousands of such rounds; its votes on them made every peer rebuild its ledger).
         others = self.ledger.members() - {me}
-        fresh = []
+        fresh, redo = [], []
         for item in batch:
-            if self.ledger.commits_of(me, item[0]):
-                continue
-            if me in self.ledger.listed(item[0]):
+            rid = item[0]
+            revealers = self.ledger.revealers(rid)
+            if self.ledger.commits_of(me, rid):
+                # After a restart: committed to, reveal not held. The model gives the same vote
+                # again; the commitment tells whether it did.
+                if me not in revealers and rid not in self._own:
+                    redo.append(item)
+            elif me in self.ledger.listed(rid):
                 # A reveal lists a commit of ours we do not hold: a crash lost it. A fresh one
                 # could contradict it (a changed model); reveal it when it is back (_unvoted).
-                self._unvoted[item[0]] = item
+                self._unvoted[rid] = item
                 self.stats["not_voted"] += 1
-            elif others and others <= self.ledger.revealers(item[0]):
+            elif others and others <= revealers:
                 self.stats["not_voted"] += 1
             else:
                 fresh.append(item)
-        # After a restart: rounds committed to whose reveal is not held. The model gives the
-        # same vote again; the commitment tells whether it did.
-        redo = [item for item in batch if self.ledger.commits_of(me, item[0])
-                and me not in self.ledger.revealers(item[0]) and item[0] not in self._own]
         todo = fresh + redo
         results, rounds = [], []
         if todo:

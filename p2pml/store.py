@@ -218,7 +218,7 @@ class DataDir:
 
     def backlog(self) -> str | None:
         """Why nothing more should be appended now (None: go on)."""
-        if self._end - self.durable_end <= MAX_UNWRITTEN_BYTES:
+        if self.unwritten <= MAX_UNWRITTEN_BYTES:
             return None
         return (f"{self.unwritten / (1 << 20):.1f} MiB already accepted are waiting to be written "
                 f"to {self.path / LOG_FILE} (writing it keeps failing); try again later")
@@ -309,7 +309,7 @@ class DataDir:
             try:
                 await self.commit()
             except OSError:
-                await asyncio.sleep(1.0)  # logged by _committed; the disk may come back
+                await asyncio.sleep(1.0)  # logged by _finish; the disk may come back
 
     def _finish(self, done: asyncio.Future, records: list[bytes], outcome: int | Exception) -> None:
         """On the loop, before anyone sees the write as over: a failed write's records go
