@@ -25,6 +25,7 @@ import aiohttp
 import msgpack
 
 from p2pml.config import PeerConfig
+from p2pml.ids import IdTable
 from p2pml.wire import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
@@ -62,12 +63,15 @@ class Holdings:
     def __init__(self, in_memory: int = 0, read: Callable[[int], bytes | None] | None = None,
                  durable: Callable[[], int] = lambda: 0):
         self._recent: dict[bytes, tuple[bytes, int | None]] = {}  # id -> (envelope, log offset)
-        self._arrival: collections.deque[bytes] = collections.deque()  # ids in _recent, oldest first
-        self._stored: dict[bytes, int] = {}  # id -> log offset, envelope not in memory
+        # ids in _recent, oldest first (a dict's first key is found in time linear in how many
+        # were deleted before it)
+        self._arrival: collections.deque[bytes] = collections.deque()
+        self._stored = IdTable(32)  # id -> log offset, envelope not in memory (compact)
         self._in_memory, self._read, self._durable = in_memory, read, durable
         self._count = [0] * BUCKETS
         self._xor = [0] * BUCKETS
-        self._ids: list[list[bytes]] = [[] for _ in range(BUCKETS)]
+        # the ids in _recent by bucket (first byte), for anti-entropy (those in _stored: sorted)
+        self._recent_ids: list[dict[bytes, None]] = [{} for _ in range(BUCKETS)]
 
     def __contains__(self, mid: bytes) -> bool:
         return mid in self._recent or mid in self._stored
@@ -89,8 +93,9 @@ class Holdings:
         return [raw for mid in mids if (raw := self.get(mid)) is not None]
 
     def ids(self) -> Iterator[bytes]:
+        """Every id held (a snapshot of the newest: safe while messages arrive)."""
         yield from self._stored
-        yield from self._recent
+        yield from list(self._recent)
 
     def recent(self) -> Iterator[tuple[bytes, bytes]]:
         """(id, envelope) of those in memory."""
@@ -101,13 +106,13 @@ class Holdings:
         if mid in self:
             return
         self._recent[mid] = (raw, offset)
-        if self._read is not None:
-            self._arrival.append(mid)
-            self._spill()
         b = mid[0]
         self._count[b] += 1
         self._xor[b] ^= int.from_bytes(mid, "big")
-        self._ids[b].append(mid)
+        self._recent_ids[b][mid] = None
+        if self._read is not None:
+            self._arrival.append(mid)
+            self._spill()
 
     def _spill(self) -> None:
         """Leave the oldest envelopes to the log, once they are durable there."""
@@ -119,8 +124,9 @@ class Holdings:
             offset = self._recent[mid][1]
             if offset is None or offset >= durable:  # (durable_end is a record boundary)
                 return  # not in the log (yet): kept; the next add tries again
-            self._stored[mid] = offset
+            self._stored.add(mid, offset)
             del self._recent[mid]
+            del self._recent_ids[mid[0]][mid]
             self._arrival.popleft()
 
     def summary(self) -> list:
@@ -139,11 +145,15 @@ class Holdings:
                 out.append(b)
         return out
 
-    def ids_in(self, buckets: list[int]) -> list[bytes]:
-        out: list[bytes] = []
-        for b in buckets:
-            out.extend(self._ids[b])
+    def ids_by_bucket(self, buckets: list[int]) -> dict[int, list[bytes]]:
+        """The ids held in each of ``buckets``."""
+        out = self._stored.by_first_byte(buckets)
+        for b, ids in out.items():
+            ids.extend(self._recent_ids[b])
         return out
+
+    def ids_in(self, buckets: list[int]) -> list[bytes]:
+        return [i for ids in self.ids_by_bucket(buckets).values() for i in ids]
 
 
 # -- peer scoring ---------------------------------------------------------------------------------
@@ -491,8 +501,9 @@ class Gossip:
             buckets = sorted(random.sample(buckets, MAX_SYNC_BUCKETS))
         ids: list[bytes] = []
         answered, full = [], []
+        by_bucket = self.holdings.ids_by_bucket(buckets)
         for b in buckets:
-            more = self.holdings.ids_in([b])
+            more = by_bucket[b]
             if ids and len(ids) + len(more) > MAX_SYNC_IDS:
                 break
             ids.extend(more[:MAX_SYNC_IDS])

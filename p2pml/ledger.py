@@ -27,6 +27,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from p2pml.ids import IdTable
+
 # ---------------------------------------------------------------------------------------------
 # Constants (docs/ledger.md explains each one)
 # ---------------------------------------------------------------------------------------------
@@ -422,9 +424,12 @@ class Ledger:
     def __init__(self, genesis: Genesis):
         self.genesis = genesis
         self._slots = {s.name: s for s in genesis.slots}
-        # id -> author of every message held: the contents live on in the per-round tables below
-        # (nothing is stored twice), until ``prune`` drops those of old rounds
-        self.held: dict[bytes, bytes] = {}
+        # id of every message held -> its author's place in _authors: the contents live on in
+        # the per-round tables below (nothing is stored twice), until ``prune`` drops those of
+        # old rounds; the ids stay, compactly (``IdTable``: a long-running node keeps them all)
+        self.held = IdTable(32)
+        self._authors: list[bytes] = []
+        self._author_index: dict[bytes, int] = {}
         self._registrations: dict[str, list[Message]] = {}
         self._queries: dict[bytes, tuple[int, bytes]] = {}  # round -> (lamport, round)
         self._order: list[tuple[int, bytes]] = []
@@ -445,7 +450,7 @@ class Ledger:
         self._members: dict[bytes, str] = {}  # key -> peer id, for the members of genesis_state
         self._outcomes: dict[bytes, Outcome] = {}
         # Rounds whose tables ``prune`` dropped, folded into the first checkpoint for good.
-        self._pruned: set[bytes] = set()
+        self._pruned = IdTable(16)
         self._floor: tuple[int, bytes] | None = None  # the key of the last pruned round
         # A held message touches a pruned round (or changes the seats after a prune): the state
         # does not reflect it, and only a fold of every message can (``replay``).
@@ -538,8 +543,17 @@ class Ledger:
             return f"unknown message type {type(body).__name__}"
         if isinstance(body, Query):  # only queries are ordered by lamport
             self.lamport = max(self.lamport, body.lamport)
-        self.held[msg.id] = msg.author
+        index = self._author_index.get(msg.author)
+        if index is None:
+            index = self._author_index[msg.author] = len(self._authors)
+            self._authors.append(msg.author)
+        self.held.add(msg.id, index)
         return None
+
+    def author_of(self, mid: bytes) -> bytes | None:
+        """The author of a held message (None if not held)."""
+        index = self.held.get(mid)
+        return None if index is None else self._authors[index]
 
     def _check_register(self, author: bytes, body: Register) -> str | None:
         slot = self._slots.get(body.name)

@@ -223,7 +223,7 @@ class Node:
             asyncio.create_task(self._vote_loop(), name="votes"),
             asyncio.create_task(self._ledger_writer(), name="ledger-writer"),
         ]
-        own = [raw for mid, raw in self.holdings.recent() if self.ledger.held[mid] == self.identity.key]
+        own = [raw for mid, raw in self.holdings.recent() if self.ledger.author_of(mid) == self.identity.key]
         self.gossip.broadcast(own)  # announce ourselves (and anything we signed lately)
 
     def _after_crash(self) -> None:
