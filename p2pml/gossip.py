@@ -145,12 +145,23 @@ class Holdings:
                 out.append(b)
         return out
 
-    def ids_by_bucket(self, buckets: list[int]) -> dict[int, list[bytes]]:
-        """The ids held in each of ``buckets``."""
-        out = self._stored.by_first_byte(buckets)
+    def ids_by_bucket(self, buckets: list[int], after: dict[int, bytes] | None = None,
+                      limit: int | None = None) -> dict[int, list[bytes]]:
+        """The ids held in each of ``buckets``, sorted; with ``after``, only those greater
+        than ``after[bucket]``; with ``limit``, the first ``limit`` of them."""
+        after = after or {}
+        out = self._stored.by_first_byte(buckets, after, limit)
         for b, ids in out.items():
-            ids.extend(self._recent_ids[b])
+            newest = [i for i in self._recent_ids[b] if b not in after or i > after[b]]
+            if newest:
+                ids = sorted(ids + newest)  # two sorted runs once ``newest`` is: about linear
+                out[b] = ids if limit is None else ids[:limit]
         return out
+
+    def lacking(self, mids: list[bytes]) -> list[bytes]:
+        """Those of ``mids`` not held (the old ones looked up in one vectorized search)."""
+        rest = [mid for mid in mids if mid not in self._recent]
+        return [mid for mid, held in zip(rest, self._stored.have(rest)) if not held]
 
     def ids_in(self, buckets: list[int]) -> list[bytes]:
         return [i for ids in self.ids_by_bucket(buckets).values() for i in ids]
@@ -245,6 +256,7 @@ class Gossip:
         self.links = {p.name: Link(p) for p in peers}
         self.caught_up: set[str] = set()  # peers all of whose buckets we settled (reconcile)
         self._covered: dict[str, set[int]] = {}  # peer -> buckets settled since start
+        self._pages: dict[str, dict[int, bytes]] = {}  # peer -> bucket -> last id it listed there
         self.holdings = holdings
         self._ingest = ingest
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_ms / 1000,
@@ -435,12 +447,15 @@ class Gossip:
     async def reconcile(self, link: Link) -> None:
         if self.scores.ignored(f"peer {link.cfg.name}"):
             return  # it sent too much that was invalid: nothing more is taken from it for now
-        answer = await self._post(link, "/sync", pack(self.holdings.summary()))
+        sent = dict(sorted(self._pages.get(link.cfg.name, {}).items())[:MAX_SYNC_BUCKETS])
+        digest = self.holdings.summary()
+        asked = [digest, [[b, i] for b, i in sent.items()]] if sent else digest
+        answer = await self._post(link, "/sync", pack(asked))
         if answer is None:
             return
         try:
             fields = msgpack.unpackb(answer, max_bin_len=64, max_map_len=0,
-                                     max_array_len=MAX_SYNC_IDS, max_str_len=0)
+                                     max_array_len=max(MAX_SYNC_IDS, BUCKETS), max_str_len=0)
             if type(fields) is not list or len(fields) not in (2, 3):
                 raise ValueError("expected [buckets, ids, settled]")
             buckets, theirs, settled = (fields + [[]])[:3]  # [buckets, ids]: an older peer
@@ -450,7 +465,7 @@ class Gossip:
             log.debug("peer %s sent a bad /sync answer: %r", link.cfg.name, exc)
             return
         their_ids = {i for i in theirs if type(i) is bytes}
-        missing = [i for i in their_ids if i not in self.holdings]
+        missing = self.holdings.lacking(list(their_ids))
         for k in range(0, min(len(missing), FETCHES_PER_SYNC * MAX_BATCH_MESSAGES),
                        MAX_BATCH_MESSAGES):
             batch = await self._post(link, "/fetch", pack(missing[k : k + MAX_BATCH_MESSAGES]))
@@ -464,13 +479,31 @@ class Gossip:
         # constant load something always is, and a node back from a crash kept its crash
         # marker for good (see Node.close); nor "one answer listed every differing id": with a
         # long history a few busy buckets hold more than one answer lists.
-        unsettled = {i[0] for i in missing if i not in self.holdings}  # buckets we still lack ids of
+        unsettled = {i[0] for i in self.holdings.lacking(missing)}  # buckets we still lack ids of
+        settled = {b for b in settled if type(b) is int and 0 <= b < BUCKETS}
         covered = self._covered.setdefault(link.cfg.name, set())
-        covered.update(b for b in settled if type(b) is int and 0 <= b < BUCKETS and b not in unsettled)
+        covered.update(settled - unsettled)
+        # Paging through a bucket too large for one answer: on from its last id listed, once
+        # we hold every id listed in it (so a bucket settled at the end of its pages is settled
+        # for all of them); a bucket settled or no longer differing needs no page.
+        pages = self._pages.setdefault(link.cfg.name, {})
+        last: dict[int, bytes] = {}
+        for i in their_ids:
+            if i[0] not in last or i > last[i[0]]:
+                last[i[0]] = i
+        for b in list(pages):
+            if b in settled:
+                del pages[b]
+        for b in buckets:
+            if type(b) is int and b in last and b not in settled and b not in unsettled:
+                pages[b] = last[b]
         if len(covered) == BUCKETS:
             self.caught_up.add(link.cfg.name)
+        # What the peer lacks: our ids in the range each answered bucket was listed over (after
+        # our page in it, and up to its last id listed if it was cut short)
         valid = sorted({b for b in buckets if type(b) is int and 0 <= b < BUCKETS})[:MAX_SYNC_BUCKETS]
-        lacking = [i for i in self.holdings.ids_in(valid) if i not in their_ids][:MAX_OUTBOX]
+        lacking = [i for b, ids in self.holdings.ids_by_bucket(valid, sent).items() for i in ids
+                   if i not in their_ids and (b in settled or (b in last and i < last[b]))][:MAX_OUTBOX]
         if lacking:  # old envelopes are read back from the log: not on the event loop
             extra = await asyncio.to_thread(self.holdings.get_many, lacking)
             self._enqueue(link, extra)
@@ -491,17 +524,33 @@ class Gossip:
 
     # -- the serving side of anti-entropy -------------------------------------------------------
 
-    def answer_sync(self, theirs) -> bytes:
-        """The ids this node holds in the buckets where ``theirs`` differs (bounded: a random
-        choice of them when too many differ. Always the first ones in order would starve the
-        last: a peer that lacks a registration refuses its author's messages for now, so their
-        buckets keep differing, and the one bucket holding the registration was never answered)."""
-        differ = buckets = self.holdings.differing(theirs)
-        if len(buckets) > MAX_SYNC_BUCKETS:
-            buckets = sorted(random.sample(buckets, MAX_SYNC_BUCKETS))
+    def answer_sync(self, asked) -> bytes:
+        """The ids this node holds in the buckets where the asker's digest differs, sorted
+        within each bucket (bounded: a random choice of the buckets when too many differ.
+        Always the first ones in order would starve the last: a peer that lacks a registration
+        refuses its author's messages for now, so their buckets keep differing, and the one
+        bucket holding the registration was never answered). ``asked`` is the digest, or
+        ``[digest, pages]``: ``pages`` lists ``[bucket, id]`` for buckets too large for one
+        answer, which the asker is paging through; their ids after ``id`` are listed, and
+        those buckets are answered first. Raises ValueError if it is malformed."""
+        theirs, after = asked, {}
+        if type(asked) is list and len(asked) == 2 and type(asked[0]) is list:
+            theirs, pages = asked
+            if type(pages) is not list or len(pages) > MAX_SYNC_BUCKETS:
+                raise ValueError(f"/sync pages are a list of at most {MAX_SYNC_BUCKETS} [bucket, id]")
+            for page in pages:
+                if (type(page) is not list or len(page) != 2 or type(page[0]) is not int
+                        or type(page[1]) is not bytes or len(page[1]) != 32 or page[1][0] != page[0]):
+                    raise ValueError("a /sync page is [bucket, the id it lists after, in that bucket]")
+                after[page[0]] = page[1]
+        differ = self.holdings.differing(theirs)
+        paged = [b for b in differ if b in after]
+        rest = [b for b in differ if b not in after]
+        room = MAX_SYNC_BUCKETS - len(paged)
+        buckets = sorted(paged + (random.sample(rest, room) if len(rest) > room else rest))
+        by_bucket = self.holdings.ids_by_bucket(buckets, after, MAX_SYNC_IDS + 1)
         ids: list[bytes] = []
         answered, full = [], []
-        by_bucket = self.holdings.ids_by_bucket(buckets)
         for b in buckets:
             more = by_bucket[b]
             if ids and len(ids) + len(more) > MAX_SYNC_IDS:
@@ -511,7 +560,8 @@ class Gossip:
             if len(more) <= MAX_SYNC_IDS:
                 full.append(b)
         # settled: the buckets where the asker holds all we hold once it holds what we listed
-        # (those that match, and those listed whole; only a first bucket can be cut short)
+        # (those that match, and those listed whole, or to their end after the asker's page;
+        # only a first bucket can be cut short: the asker pages on from its last id listed)
         settled = sorted(set(range(BUCKETS)).difference(differ).union(full))
         return pack([answered, ids, settled])
 

@@ -81,6 +81,20 @@ class IdTable:
         self._sorted = (keys, values, np.packbits(flags, bitorder="little").tobytes(), shift)
         self._recent = {}
 
+    def have(self, keys: list[bytes]) -> list[bool]:
+        """Whether each of ``keys`` is held: one vectorized search for them all (anti-entropy
+        checks thousands of ids at once)."""
+        recent = self._recent
+        out = [k in recent for k in keys]
+        ids = self._sorted[0]
+        rest = [i for i, found in enumerate(out) if not found]
+        if rest and len(ids):
+            asked = np.array([keys[i] for i in rest], self._dtype)
+            at = np.minimum(ids.searchsorted(asked), len(ids) - 1)
+            for i, found in zip(rest, (ids[at] == asked).tolist()):
+                out[i] = found
+        return out
+
     def _full(self, key: np.bytes_) -> bytes:
         return bytes(key).ljust(self.width, b"\0")
 
@@ -98,16 +112,26 @@ class IdTable:
             yield self._full(k), v
         yield from recent
 
-    def by_first_byte(self, firsts: Iterable[int]) -> dict[int, list[bytes]]:
-        """The ids whose first byte is in ``firsts``, by that byte (sorted ids first, then the
-        newest in the order they came)."""
+    def by_first_byte(self, firsts: Iterable[int], after: dict[int, bytes] | None = None,
+                      limit: int | None = None) -> dict[int, list[bytes]]:
+        """The ids whose first byte is in ``firsts``, by that byte, in order; with ``after``,
+        only those greater than ``after[byte]``; with ``limit``, the first ``limit`` of them."""
         keys = self._sorted[0]
+        after = after or {}
         out: dict[int, list[bytes]] = {}
         for b in sorted(set(firsts)):
-            lo = int(keys.searchsorted(bytes([b])))
+            lo = int(keys.searchsorted(after[b] if b in after else bytes([b])))
+            if b in after and lo < len(keys) and keys[lo] == after[b].rstrip(b"\0"):
+                lo += 1
             hi = len(keys) if b == 255 else int(keys.searchsorted(bytes([b + 1])))
+            if limit is not None:
+                hi = min(hi, lo + limit)
             out[b] = [self._full(k) for k in keys[lo:hi]]
+        newest: dict[int, list[bytes]] = {}
         for key in list(self._recent):
-            if key[0] in out:
-                out[key[0]].append(key)
+            if key[0] in out and (key[0] not in after or key > after[key[0]]):
+                newest.setdefault(key[0], []).append(key)
+        for b, ids in newest.items():
+            ids = sorted(out[b] + ids)
+            out[b] = ids if limit is None else ids[:limit]
         return out

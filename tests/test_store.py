@@ -694,3 +694,79 @@ def test_a_bucket_cut_short_by_the_answer_limit_is_not_settled(monkeypatch):
     buckets, ids, settled = msgpack.unpackb(peer.answer_sync(g.Holdings().summary()))
     assert buckets == [7] and len(ids) == 3
     assert settled == [b for b in range(g.BUCKETS) if b != 7]
+
+
+async def test_a_bucket_larger_than_one_answer_is_paged_through(monkeypatch):
+    """A bucket holding more ids than one /sync answer lists is paged through: each answer lists
+    its ids after the last one the asker holds, sorted, until the rest fits; then it is settled
+    and the asker is caught up. Before, only its first MAX_SYNC_IDS ids ever travelled."""
+    import msgpack
+
+    from p2pml import gossip as g
+    from p2pml.config import PeerConfig
+    from p2pml.ledger import Query
+    from p2pml.wire import Identity, message_id, pack
+
+    monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
+    gid = b"\x07" * 32
+    author = Identity.from_seed(b"\x01" * 32)
+    signed = [author.sign(gid, Query(n + 1, ((5.1, 3.5, 1.4, 0.2),))) for n in range(3000)]
+    by_bucket: dict[int, list] = {}
+    for s in signed:
+        by_bucket.setdefault(s.msg.id[0], []).append(s)
+    big = max(by_bucket, key=lambda b: len(by_bucket[b]))
+    theirs, ours = by_bucket[big][:-2], by_bucket[big][-2:]  # two the peer lacks
+    assert len(theirs) >= 3 * g.MAX_SYNC_IDS  # three pages at least
+    held = g.Holdings()
+    for s in theirs:
+        held.add(s.msg.id, s.raw)
+    peer = g.Gossip("bo", [], held, None, request_timeout_ms=1000, interval_ms=500)
+    mine = g.Holdings()
+    for s in ours:
+        mine.add(s.msg.id, s.raw)
+    asked_pages, pushed = [], []
+
+    async def ingest(envs, source):
+        for key, body, sig in envs:
+            mine.add(message_id(gid, key, body), pack([key, body, sig]))
+        return {"accepted": len(envs)}
+
+    me = g.Gossip("ada", [PeerConfig("bo", "127.0.0.1", 1, "knn")], mine, ingest,
+                  request_timeout_ms=1000, interval_ms=500)
+
+    async def post(link, path, data):  # the peer's answers, without the network
+        asked = msgpack.unpackb(data)
+        if path == "/sync":
+            asked_pages.append(asked[1] if len(asked) == 2 else None)
+            return peer.answer_sync(asked)
+        return peer.answer_fetch(asked)
+
+    me._post = post
+    me._enqueue = lambda link, envs: pushed.extend(envs)
+    for _ in range(len(theirs)):
+        await me.reconcile(me.links["bo"])
+        if "bo" in me.caught_up:
+            break
+    assert all(s.msg.id in mine for s in theirs) and "bo" in me.caught_up
+    assert asked_pages[0] is None  # the first sync asks with the digest alone (as before)
+    pages = [p[0][1] for p in asked_pages[1:]]  # then on from the last id held, in order
+    assert pages == sorted(pages) and len(pages) == len(set(pages)) >= 2
+    assert me._pages["bo"] == {}  # settled: no page left
+    # pushed back: what the peer lacks, each once; never what it listed or paged past
+    assert sorted(pushed) == sorted(s.raw for s in ours)
+
+
+def test_a_malformed_sync_page_is_refused():
+    import hashlib
+
+    import pytest
+
+    from p2pml import gossip as g
+
+    peer = g.Gossip("bo", [], g.Holdings(), None, request_timeout_ms=1000, interval_ms=500)
+    digest = g.Holdings().summary()
+    other = hashlib.sha256(b"x").digest()
+    for pages, match in (("x", "at most"), ([[other[0] ^ 1, other]], "in that bucket"),
+                         ([[1, b"short"]], "bucket, the id"), ([[1, other]] * 65, "at most")):
+        with pytest.raises(ValueError, match=match):
+            peer.answer_sync([digest, pages])
