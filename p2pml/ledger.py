@@ -518,7 +518,8 @@ class Ledger:
             # a member can make every node fold everything again.
             member = msg.author in self._seats
             for c in body.commits:
-                if c.round in self._pruned:
+                # (a held query's round is not pruned: only the others are looked up there)
+                if c.round not in self._queries and c.round in self._pruned:
                     self._reach_back(member)
                     continue
                 authors = self._commits.setdefault(c.round, {})
@@ -528,7 +529,7 @@ class Ledger:
                     authors[msg.author] = _with(digests, c.digest, msg.id)
                 self._touch(c.round)
             for r in body.reveals:
-                if r.round in self._pruned:
+                if r.round not in self._queries and r.round in self._pruned:
                     self._reach_back(member)
                     continue
                 authors = self._reveals.setdefault(r.round, {})
@@ -661,7 +662,7 @@ class Ledger:
 
     def is_pruned(self, rid: bytes) -> bool:
         """Whether ``prune`` dropped this round's tables (it still counts in the state)."""
-        return rid in self._pruned
+        return rid not in self._queries and rid in self._pruned
 
     @property
     def rounds_held(self) -> int:

@@ -568,7 +568,9 @@ class Model:
     """One peer's voter: ``vote(rows, rounds)`` gives ``(label, probabilities in millionths)``.
 
     ``separate``: train in a child process and keep only the fast path's parameters here (what a
-    node does; ``estimator`` is then None). Otherwise train here (tests, tools)."""
+    node does; ``estimator`` is then None). The child starts at once and is waited for at the
+    first use (or ``finish``): a node reads its log meanwhile. Otherwise train here (tests,
+    tools)."""
 
     def __init__(self, kind: str, behavior: str = "honest", key: bytes = b"", separate: bool = False):
         if behavior not in BEHAVIORS:
@@ -577,18 +579,38 @@ class Model:
         self.behavior = behavior
         self._key = key
         self.estimator = None
-        found = _train_in_child(kind) if separate else None
+        self._proba = None
+        self._finishing = threading.Lock()
+        self._training = _Training(kind) if separate else None
+        if self._training is None:
+            self._install(None)
+
+    def finish(self) -> None:
+        """Wait for the child's training, if any is under way, and take its parameters."""
+        with self._finishing:
+            if self._training is not None:
+                self._install(self._training.result())
+                self._training = None
+
+    def _install(self, found: tuple[str, dict] | None) -> None:
         if found is not None:
-            slow = _Sklearn(kind)
+            slow = _Sklearn(self.kind)
             fast = _PROBA[found[0]](found[1], slow)
         else:
-            self.estimator, slow, found = train_fast(kind)
+            self.estimator, slow, found = train_fast(self.kind)
             fast = None if found is None else _PROBA[found[0]](found[1], slow)
-        self.predict_proba = slow
         if fast is not None:
-            self.predict_proba = _Guarded(fast, slow, len(FEATURES))
+            self._proba = _Guarded(fast, slow, len(FEATURES))
         else:
-            log.warning("%s: no fast path equal to scikit-learn's; using scikit-learn's", kind)
+            self._proba = slow
+            log.warning("%s: no fast path equal to scikit-learn's; using scikit-learn's", self.kind)
+
+    @property
+    def predict_proba(self):
+        """Class probabilities of rows (the fast path where it is exact, else scikit-learn)."""
+        if self._proba is None:
+            self.finish()
+        return self._proba
 
     def vote_inline(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]] | None:
         """``vote``, or None where it would first have to load scikit-learn (about 0.8 s and
@@ -618,30 +640,55 @@ class Model:
         return [(int(label), one_hot(int(label))) for label in labels]
 
 
-def _train_in_child(kind: str) -> tuple[str, dict] | None:
-    """The fast path's parameters for ``kind``, trained and checked in a child process; None
-    (with the reason logged) if it has none or fails, and the caller trains here instead."""
-    try:
+class _Training:
+    """The fast path's parameters for ``kind``, trained and checked in a child process started
+    at once; ``result()`` waits for them: None (with the reason logged) if it has none or fails,
+    and the caller trains here instead."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
         # the same p2pml as ours, whatever the working directory
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        out = subprocess.run([sys.executable, "-m", "p2pml.model", kind], capture_output=True,
-                             timeout=CHILD_TIMEOUT_S, check=False, env=env)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("%s: training in a child process failed (%s); training here", kind, exc)
-        return None
-    if out.returncode != 0:
-        log.warning("%s: training in a child process failed (exit %d: %s); training here", kind,
-                    out.returncode, out.stderr.decode(errors="replace").strip()[-500:])
-        return None
-    try:
-        found = _unpack(out.stdout)
-        _PROBA[found[0]](found[1], None)  # every parameter it needs is there
-        return found
-    except Exception as exc:  # noqa: BLE001 - whatever is wrong with them, train here instead
-        log.warning("%s: the child's parameters are unusable (%s); training here", kind, exc)
-        return None
+        try:
+            self._child: subprocess.Popen | None = subprocess.Popen(
+                [sys.executable, "-m", "p2pml.model", kind], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+            self._failed = ""
+        except OSError as exc:
+            self._child, self._failed = None, str(exc)
+
+    def __del__(self):  # dropped unfinished (the node failed to start): no orphan left training
+        child = getattr(self, "_child", None)
+        if child is not None and child.returncode is None:
+            child.kill()
+            child.communicate()
+
+    def result(self) -> tuple[str, dict] | None:
+        kind, child = self.kind, self._child
+        if child is None:
+            log.warning("%s: training in a child process failed (%s); training here", kind, self._failed)
+            return None
+        try:
+            stdout, stderr = child.communicate(timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            log.warning("%s: training in a child process took over %d s; training here", kind, CHILD_TIMEOUT_S)
+            return None
+        if child.returncode != 0:
+            log.warning("%s: training in a child process failed (exit %d: %s); training here", kind,
+                        child.returncode, stderr.decode(errors="replace").strip()[-500:])
+            return None
+        self._child = None
+        try:
+            found = _unpack(stdout)
+            _PROBA[found[0]](found[1], None)  # every parameter it needs is there
+            return found
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with them, train here instead
+            log.warning("%s: the child's parameters are unusable (%s); training here", kind, exc)
+            return None
 
 
 def main(argv: list[str] | None = None) -> int:

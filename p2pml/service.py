@@ -155,7 +155,8 @@ class Node:
         self._rebuilder = ThreadPoolExecutor(1, thread_name_prefix="rebuild")
         self._closing = False
         self.rebuilds = 0
-        self._load()
+        self._load()  # while the model trains in its child process
+        self.model.finish()
 
     # -- start-up and shutdown ------------------------------------------------------------------
 
