@@ -25,7 +25,7 @@ import aiohttp
 import msgpack
 
 from p2pml.config import PeerConfig
-from p2pml.ids import IdTable
+from p2pml.ids import IdTable, IdView
 from p2pml.wire import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
@@ -46,6 +46,7 @@ MAX_RESPONSE_BYTES = 2 * MAX_BATCH_BYTES  # the most this node reads of any peer
 MAX_PUSH_BYTES = 512 * 1024  # one push POST; aiohttp streams larger bodies less well
 MAX_OUTBOX = 8 * MAX_BATCH_MESSAGES  # envelopes queued for one peer; older ones are dropped
 FETCHES_PER_SYNC = 8  # fetch requests one reconciliation may make (catch-up speed vs fairness)
+PAGING_RETRY_S = 60.0  # after a paged /sync failed (a peer that does not page?), ask without pages
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 2.0
 PEER_HEADER = "X-P2PML-Peer"  # the sender's name: traffic from a peer shows it is up again
@@ -91,6 +92,10 @@ class Holdings:
     def get_many(self, mids: list[bytes]) -> list[bytes]:
         """The envelopes of those of ``mids`` that can be had (see ``get``)."""
         return [raw for mid in mids if (raw := self.get(mid)) is not None]
+
+    def id_view(self) -> IdView:
+        """Every id held now, by index (see ``IdView``): for a rebuild, in another thread."""
+        return self._stored.view().extended(list(self._recent))
 
     def ids(self) -> Iterator[bytes]:
         """Every id held (a snapshot of the newest: safe while messages arrive)."""
@@ -145,18 +150,27 @@ class Holdings:
                 out.append(b)
         return out
 
+    def newest(self) -> dict[int, list[bytes]]:
+        """What ``bucket_ids`` takes to list many buckets in a row without a pass each."""
+        return self._stored.newest_by_first_byte()
+
+    def bucket_ids(self, b: int, after: bytes | None = None, limit: int | None = None,
+                   newest: dict[int, list[bytes]] | None = None) -> list[bytes]:
+        """The ids held in bucket ``b``, sorted; only those greater than ``after`` if given;
+        the first ``limit`` of them if given."""
+        ids = self._stored.in_bucket(b, after, limit, newest)
+        extra = [i for i in self._recent_ids[b] if after is None or i > after]
+        if extra:
+            ids = sorted(ids + extra)  # a sorted run and a short one: about linear
+            if limit is not None:
+                del ids[limit:]
+        return ids
+
     def ids_by_bucket(self, buckets: list[int], after: dict[int, bytes] | None = None,
                       limit: int | None = None) -> dict[int, list[bytes]]:
-        """The ids held in each of ``buckets``, sorted; with ``after``, only those greater
-        than ``after[bucket]``; with ``limit``, the first ``limit`` of them."""
-        after = after or {}
-        out = self._stored.by_first_byte(buckets, after, limit)
-        for b, ids in out.items():
-            newest = [i for i in self._recent_ids[b] if b not in after or i > after[b]]
-            if newest:
-                ids = sorted(ids + newest)  # two sorted runs once ``newest`` is: about linear
-                out[b] = ids if limit is None else ids[:limit]
-        return out
+        """``bucket_ids`` of each of ``buckets``."""
+        after, newest = after or {}, self.newest()
+        return {b: self.bucket_ids(b, after.get(b), limit, newest) for b in sorted(set(buckets))}
 
     def lacking(self, mids: list[bytes]) -> list[bytes]:
         """Those of ``mids`` not held (the old ones looked up in one vectorized search)."""
@@ -256,7 +270,9 @@ class Gossip:
         self.links = {p.name: Link(p) for p in peers}
         self.caught_up: set[str] = set()  # peers all of whose buckets we settled (reconcile)
         self._covered: dict[str, set[int]] = {}  # peer -> buckets settled since start
-        self._pages: dict[str, dict[int, bytes]] = {}  # peer -> bucket -> last id it listed there
+        # peer -> bucket -> (last id it listed there, whether this pass of pages left none lacking)
+        self._pages: dict[str, dict[int, tuple[bytes, bool]]] = {}
+        self._no_paging_until: dict[str, float] = {}  # peers whose paged /sync failed: not till then
         self.holdings = holdings
         self._ingest = ingest
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_ms / 1000,
@@ -445,82 +461,110 @@ class Gossip:
             log.exception("reconciliation with %s failed", link.cfg.name)
 
     async def reconcile(self, link: Link) -> None:
-        if self.scores.ignored(f"peer {link.cfg.name}"):
+        name = link.cfg.name
+        if self.scores.ignored(f"peer {name}"):
             return  # it sent too much that was invalid: nothing more is taken from it for now
-        sent = dict(sorted(self._pages.get(link.cfg.name, {}).items())[:MAX_SYNC_BUCKETS])
+        pages = self._pages.setdefault(name, {})
+        if time.monotonic() < self._no_paging_until.get(name, 0):
+            pages.clear()
+        sent = {b: last for b, (last, _) in sorted(pages.items())[:MAX_SYNC_BUCKETS]}
         digest = self.holdings.summary()
-        asked = [digest, [[b, i] for b, i in sent.items()]] if sent else digest
-        answer = await self._post(link, "/sync", pack(asked))
+        answer = await self._post(link, "/sync", pack([digest, [[b, i] for b, i in sent.items()]])
+                                  if sent else pack(digest))
         if answer is None:
+            if sent:  # maybe a peer that does not page (an older version): ask it without pages
+                pages.clear()
+                self._no_paging_until[name] = time.monotonic() + PAGING_RETRY_S
             return
         try:
             fields = msgpack.unpackb(answer, max_bin_len=64, max_map_len=0,
                                      max_array_len=max(MAX_SYNC_IDS, BUCKETS), max_str_len=0)
             if type(fields) is not list or len(fields) not in (2, 3):
                 raise ValueError("expected [buckets, ids, settled]")
-            buckets, theirs, settled = (fields + [[]])[:3]  # [buckets, ids]: an older peer
-            if type(buckets) is not list or type(theirs) is not list or type(settled) is not list:
+            buckets, theirs, settled = (fields + [None])[:3]  # [buckets, ids]: an older peer
+            if type(buckets) is not list or type(theirs) is not list or type(settled) not in (list, type(None)):
                 raise ValueError("expected [buckets, ids, settled]")
         except (*MSGPACK_ERRORS, TypeError, ValueError) as exc:
-            log.debug("peer %s sent a bad /sync answer: %r", link.cfg.name, exc)
+            log.debug("peer %s sent a bad /sync answer: %r", name, exc)
             return
-        their_ids = {i for i in theirs if type(i) is bytes}
+        buckets = sorted({b for b in buckets if type(b) is int and 0 <= b < BUCKETS})[:MAX_SYNC_BUCKETS]
+        their_ids = {i for i in theirs if type(i) is bytes and len(i) == 32}
         missing = self.holdings.lacking(list(their_ids))
+        fetched: set[bytes] = set()  # asked for, and answered whole (held now, or refused)
         for k in range(0, min(len(missing), FETCHES_PER_SYNC * MAX_BATCH_MESSAGES),
                        MAX_BATCH_MESSAGES):
-            batch = await self._post(link, "/fetch", pack(missing[k : k + MAX_BATCH_MESSAGES]))
+            asked = missing[k : k + MAX_BATCH_MESSAGES]
+            batch = await self._post(link, "/fetch", pack(asked))
             if batch is None:
-                return
-            if not await self._ingest_batch(batch, f"peer {link.cfg.name}"):
-                return  # not taken (our log cannot be written now): fetch no more
+                break
+            got = await self._ingest_batch(batch, f"peer {name}")
+            if got is None:
+                break  # not taken (our log cannot be written now): fetch no more
+            if got == len(asked):
+                fetched.update(asked)
+        lacking_now = set(self.holdings.lacking(missing))
         # Caught up: every bucket has been settled since we started, by one sync or another
         # (it matched, or it was listed whole and we hold what it listed). What the peer held
         # before any of those syncs we hold now. Not "a sync found nothing missing": under
         # constant load something always is, and a node back from a crash kept its crash
         # marker for good (see Node.close); nor "one answer listed every differing id": with a
         # long history a few busy buckets hold more than one answer lists.
-        unsettled = {i[0] for i in self.holdings.lacking(missing)}  # buckets we still lack ids of
-        settled = {b for b in settled if type(b) is int and 0 <= b < BUCKETS}
-        covered = self._covered.setdefault(link.cfg.name, set())
-        covered.update(settled - unsettled)
-        # Paging through a bucket too large for one answer: on from its last id listed, once
-        # we hold every id listed in it (so a bucket settled at the end of its pages is settled
-        # for all of them); a bucket settled or no longer differing needs no page.
-        pages = self._pages.setdefault(link.cfg.name, {})
+        settled_now = set() if settled is None else {b for b in settled if type(b) is int and 0 <= b < BUCKETS}
+        short = {i[0] for i in lacking_now}
+        covered = self._covered.setdefault(name, set())
+        covered.update(b for b in settled_now - short if b not in sent or pages[b][1])
+        # Paging through a bucket too large for one answer (only with a peer that says what it
+        # settled): on from the last id listed, once every id listed there was fetched (held
+        # now, or refused: a message waiting for its author's registration must not keep the
+        # pages from reaching that registration). A bucket is covered only by a pass of pages
+        # that left nothing lacking (``clean``); one settled, or no longer differing, needs no
+        # page (if the pass was not clean, the next one starts from the beginning).
         last: dict[int, bytes] = {}
         for i in their_ids:
             if i[0] not in last or i > last[i[0]]:
                 last[i[0]] = i
         for b in list(pages):
-            if b in settled:
+            if b in settled_now:
                 del pages[b]
-        for b in buckets:
-            if type(b) is int and b in last and b not in settled and b not in unsettled:
-                pages[b] = last[b]
+        if settled is not None:
+            stuck = {i[0] for i in lacking_now - fetched}
+            for b in buckets:
+                if b in last and b not in settled_now and b not in stuck:
+                    pages[b] = (last[b], (b not in sent or pages[b][1]) and b not in short)
         if len(covered) == BUCKETS:
-            self.caught_up.add(link.cfg.name)
+            self.caught_up.add(name)
         # What the peer lacks: our ids in the range each answered bucket was listed over (after
-        # our page in it, and up to its last id listed if it was cut short)
-        valid = sorted({b for b in buckets if type(b) is int and 0 <= b < BUCKETS})[:MAX_SYNC_BUCKETS]
-        lacking = [i for b, ids in self.holdings.ids_by_bucket(valid, sent).items() for i in ids
-                   if i not in their_ids and (b in settled or (b in last and i < last[b]))][:MAX_OUTBOX]
-        if lacking:  # old envelopes are read back from the log: not on the event loop
-            extra = await asyncio.to_thread(self.holdings.get_many, lacking)
+        # our page in it, and up to its last id listed if it was cut short), at most MAX_OUTBOX
+        push: list[bytes] = []
+        newest = self.holdings.newest()
+        for b in buckets:
+            room = MAX_OUTBOX - len(push)
+            if room <= 0 or (b not in settled_now and b not in last):
+                break
+            listed = sum(1 for i in their_ids if i[0] == b)
+            for i in self.holdings.bucket_ids(b, sent.get(b), room + listed, newest):
+                if b not in settled_now and i >= last[b]:
+                    break
+                if i not in their_ids:
+                    push.append(i)
+        if push:  # old envelopes are read back from the log: not on the event loop
+            extra = await asyncio.to_thread(self.holdings.get_many, push[:MAX_OUTBOX])
             self._enqueue(link, extra)
 
-    async def _ingest_batch(self, data: bytes, source: str) -> bool:
-        """Whether the batch was taken (even if some of it was rejected)."""
+    async def _ingest_batch(self, data: bytes, source: str) -> int | None:
+        """How many envelopes the batch held, once taken (even if some were rejected); None
+        if not taken."""
         try:
             envs = unpack_batch(data)
         except WireError as exc:
             log.debug("%s sent a bad /fetch answer: %s", source, exc)
             self.scores.penalize(source)
-            return True
+            return 0
         result = await self._ingest(envs, source)
         if "unavailable" in result:
             log.warning("fetched from %s, not durable: %s", source, result["unavailable"])
-            return False
-        return True
+            return None
+        return len(envs)
 
     # -- the serving side of anti-entropy -------------------------------------------------------
 
@@ -547,17 +591,18 @@ class Gossip:
         paged = [b for b in differ if b in after]
         rest = [b for b in differ if b not in after]
         room = MAX_SYNC_BUCKETS - len(paged)
-        buckets = sorted(paged + (random.sample(rest, room) if len(rest) > room else rest))
-        by_bucket = self.holdings.ids_by_bucket(buckets, after, MAX_SYNC_IDS + 1)
+        buckets = paged + sorted(random.sample(rest, room) if len(rest) > room else rest)
+        newest = self.holdings.newest()
         ids: list[bytes] = []
         answered, full = [], []
-        for b in buckets:
-            more = by_bucket[b]
-            if ids and len(ids) + len(more) > MAX_SYNC_IDS:
+        for b in buckets:  # the paged ones first: the asker is part way through them
+            budget = MAX_SYNC_IDS - len(ids)
+            more = self.holdings.bucket_ids(b, after.get(b), budget + 1, newest)
+            if ids and len(more) > budget:
                 break
-            ids.extend(more[:MAX_SYNC_IDS])
+            ids.extend(more[:budget])
             answered.append(b)
-            if len(more) <= MAX_SYNC_IDS:
+            if len(more) <= budget:
                 full.append(b)
         # settled: the buckets where the asker holds all we hold once it holds what we listed
         # (those that match, and those listed whole, or to their end after the asker's page;

@@ -181,7 +181,7 @@ class Node:
             self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
             self.data.commit_now()
         if self.ledger.stale:  # the log holds messages that came long after their rounds
-            ids = list(self.holdings.ids())
+            ids = self.holdings.id_view()
             self.ledger = replay(self.genesis, len(ids), lambda i: self._held_message(ids[i]), keep)
         self._loading = False
         # Of the history just read, vote only where it can still count: rounds committed to
@@ -879,7 +879,7 @@ class Node:
         or one replaying old rounds): fold every held message again, in a thread, while this
         ledger goes on answering (without that message's effect) meanwhile."""
         started = time.monotonic()
-        ids = list(self.holdings.ids())
+        ids = self.holdings.id_view()
         try:
             fresh = await asyncio.get_running_loop().run_in_executor(
                 self._rebuilder, replay, self.genesis, len(ids),

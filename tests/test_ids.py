@@ -23,6 +23,7 @@ ID = st.one_of(st.binary(min_size=32, max_size=32),
 def test_an_id_table_answers_as_a_dict_would(entries, probes):
     old = ids_module.MERGE_MIN
     ids_module.MERGE_MIN = 7  # merge often: most entries go through the sorted arrays
+    old_chunk, ids_module.CHUNK = ids_module.CHUNK, 20  # and in several chunks
     try:
         table, ref = IdTable(32), {}
         for key, value in entries:
@@ -33,6 +34,8 @@ def test_an_id_table_answers_as_a_dict_would(entries, probes):
             assert table.get(key) == ref.get(key) and (key in table) == (key in ref)
         assert len(table) == len(ref)
         assert sorted(table) == sorted(ref) and sorted(table.items()) == sorted(ref.items())
+        view = table.view()  # what a rebuild reads, by index
+        assert len(view) == len(ref) and sorted(view[i] for i in range(len(view))) == sorted(ref)
         asked = [k for k, _ in entries] + probes
         assert table.have(asked) == [k in ref for k in asked]
         firsts = {k[0] for k in ref} | {0, 255}
@@ -46,7 +49,7 @@ def test_an_id_table_answers_as_a_dict_would(entries, probes):
         for b in firsts:
             assert paged[b] == sorted(k for k in ref if k[0] == b and (b not in after or k > after[b]))[:3]
     finally:
-        ids_module.MERGE_MIN = old
+        ids_module.MERGE_MIN, ids_module.CHUNK = old, old_chunk
 
 
 def test_an_id_table_rejects_an_id_of_another_width():
