@@ -29,6 +29,7 @@ from p2pml.ids import IdTable, IdView
 from p2pml.wire import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
+    MAX_BODY_BYTES,
     MSGPACK_ERRORS,
     WireError,
     pack,
@@ -133,6 +134,10 @@ class Holdings:
             del self._recent[mid]
             del self._recent_ids[mid[0]][mid]
             self._arrival.popleft()
+
+    def count(self, b: int) -> int:
+        """How many ids bucket ``b`` holds."""
+        return self._count[b]
 
     def summary(self) -> list:
         return [[c, x.to_bytes(32, "big")] for c, x in zip(self._count, self._xor)]
@@ -273,6 +278,7 @@ class Gossip:
         # peer -> bucket -> (last id it listed there, whether this pass of pages left none lacking)
         self._pages: dict[str, dict[int, tuple[bytes, bool]]] = {}
         self._no_paging_until: dict[str, float] = {}  # peers whose paged /sync failed: not till then
+        self._reconciling: set[str] = set()  # peers a reconciliation with is under way
         self.holdings = holdings
         self._ingest = ingest
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_ms / 1000,
@@ -461,6 +467,18 @@ class Gossip:
             log.exception("reconciliation with %s failed", link.cfg.name)
 
     async def reconcile(self, link: Link) -> None:
+        """One reconciliation with the peer; none if one with it is under way already (the
+        start-up one and the periodic ones overlap, and two at once would each page on from
+        state the other changed while it waited)."""
+        if link.cfg.name in self._reconciling:
+            return
+        self._reconciling.add(link.cfg.name)
+        try:
+            await self._reconcile(link)
+        finally:
+            self._reconciling.discard(link.cfg.name)
+
+    async def _reconcile(self, link: Link) -> None:
         name = link.cfg.name
         if self.scores.ignored(f"peer {name}"):
             return  # it sent too much that was invalid: nothing more is taken from it for now
@@ -500,8 +518,8 @@ class Gossip:
             got = await self._ingest_batch(batch, f"peer {name}")
             if got is None:
                 break  # not taken (our log cannot be written now): fetch no more
-            if got == len(asked):
-                fetched.update(asked)
+            if got == len(asked) or len(batch) + MAX_BODY_BYTES + 1024 <= MAX_BATCH_BYTES:
+                fetched.update(asked)  # all of it, or all the peer can give: not cut for size
         lacking_now = set(self.holdings.lacking(missing))
         # Caught up: every bucket has been settled since we started, by one sync or another
         # (it matched, or it was listed whole and we hold what it listed). What the peer held
@@ -576,7 +594,8 @@ class Gossip:
         bucket holding the registration was never answered). ``asked`` is the digest, or
         ``[digest, pages]``: ``pages`` lists ``[bucket, id]`` for buckets too large for one
         answer, which the asker is paging through; their ids after ``id`` are listed, and
-        those buckets are answered first. Raises ValueError if it is malformed."""
+        those buckets are always among those answered. Buckets are listed smallest first; the
+        last one listed may be cut short. Raises ValueError if it is malformed."""
         theirs, after = asked, {}
         if type(asked) is list and len(asked) == 2 and type(asked[0]) is list:
             theirs, pages = asked
@@ -591,22 +610,25 @@ class Gossip:
         paged = [b for b in differ if b in after]
         rest = [b for b in differ if b not in after]
         room = MAX_SYNC_BUCKETS - len(paged)
-        buckets = paged + sorted(random.sample(rest, room) if len(rest) > room else rest)
+        buckets = paged + (random.sample(rest, room) if len(rest) > room else rest)
+        # smallest first: a huge bucket (one that keeps differing) does not take every answer
+        buckets.sort(key=lambda b: (self.holdings.count(b), b))
         newest = self.holdings.newest()
         ids: list[bytes] = []
         answered, full = [], []
-        for b in buckets:  # the paged ones first: the asker is part way through them
+        for b in buckets:
             budget = MAX_SYNC_IDS - len(ids)
-            more = self.holdings.bucket_ids(b, after.get(b), budget + 1, newest)
-            if ids and len(more) > budget:
+            if budget <= 0:
                 break
+            more = self.holdings.bucket_ids(b, after.get(b), budget + 1, newest)
             ids.extend(more[:budget])
             answered.append(b)
-            if len(more) <= budget:
-                full.append(b)
+            if len(more) > budget:
+                break  # cut short: the asker pages on through it from the last id listed
+            full.append(b)
         # settled: the buckets where the asker holds all we hold once it holds what we listed
         # (those that match, and those listed whole, or to their end after the asker's page;
-        # only a first bucket can be cut short: the asker pages on from its last id listed)
+        # only the last bucket listed can be cut short: the asker pages on from its last id)
         settled = sorted(set(range(BUCKETS)).difference(differ).union(full))
         return pack([answered, ids, settled])
 

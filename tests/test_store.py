@@ -899,3 +899,84 @@ async def test_paging_passes_messages_refused_for_now(monkeypatch):
         if "bo" in me.caught_up:
             break
     assert all(s.msg.id in mine for s in bucket) and "bo" in me.caught_up
+
+
+async def test_one_reconciliation_with_a_peer_at_a_time():
+    """The start-up reconciliation and the periodic ones overlap: a second one with the same
+    peer while one is under way does nothing (a review showed two at once paging on from
+    state the other had changed, up to counting a bucket as covered that was not)."""
+    import asyncio
+
+    import msgpack
+
+    from p2pml import gossip as g
+    from p2pml.config import PeerConfig
+
+    peer = g.Gossip("bo", [], g.Holdings(), None, request_timeout_ms=1000, interval_ms=500)
+    me = g.Gossip("ada", [PeerConfig("bo", "127.0.0.1", 1, "knn"), PeerConfig("cy", "127.0.0.1", 2, "svm")],
+                  g.Holdings(), None, request_timeout_ms=1000, interval_ms=500)
+    release, syncs = asyncio.Event(), []
+
+    async def post(link, path, data):
+        syncs.append(link.cfg.name)
+        await release.wait()
+        return peer.answer_sync(msgpack.unpackb(data))
+
+    me._post = post
+    first = asyncio.ensure_future(me.reconcile(me.links["bo"]))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(me.reconcile(me.links["bo"]), 1)  # returns at once: one is under way
+    other = asyncio.ensure_future(me.reconcile(me.links["cy"]))  # another peer: goes ahead
+    await asyncio.sleep(0)
+    assert syncs == ["bo", "cy"]
+    release.set()
+    await asyncio.gather(first, other)
+    await me.reconcile(me.links["bo"])  # and once it is over, the next one runs
+    assert syncs == ["bo", "cy", "bo"] and "bo" in me.caught_up
+
+
+async def test_a_bucket_that_keeps_differing_does_not_starve_the_others(monkeypatch):
+    """A peer lists an id it cannot serve (its log lost it, or it lies): the bucket keeps
+    differing, but its pages move on past that id (the fetch answer was not cut for size), and
+    answers list the smallest buckets first, so a message in another bucket still travels."""
+    import msgpack
+
+    from p2pml import gossip as g
+    from p2pml.config import PeerConfig
+    from p2pml.ledger import Query
+    from p2pml.wire import Identity, message_id, pack
+
+    monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
+    gid = b"\x07" * 32
+    author = Identity.from_seed(b"\x01" * 32)
+    msgs = [author.sign(gid, Query(k + 1, ((5.1, 3.5, 1.4, 0.2),))) for k in range(4000)]
+    big = max(range(255), key=lambda b: sum(s.msg.id[0] == b for s in msgs))
+    bucket = sorted((s for s in msgs if s.msg.id[0] == big), key=lambda s: s.msg.id)[:9]
+    other = next(s for s in msgs if s.msg.id[0] > big)  # sorts after it
+    lost = bucket[4].msg.id
+    peer_h, mine = g.Holdings(), g.Holdings()
+    for s in bucket + [other]:
+        peer_h.add(s.msg.id, s.raw)
+    peer = g.Gossip("bo", [], peer_h, None, request_timeout_ms=1000, interval_ms=500)
+
+    async def ingest(envs, source):
+        for key, body, sig in envs:
+            mine.add(message_id(gid, key, body), pack([key, body, sig]))
+        return {"accepted": len(envs)}
+
+    me = g.Gossip("ada", [PeerConfig("bo", "127.0.0.1", 1, "knn")], mine, ingest,
+                  request_timeout_ms=1000, interval_ms=500)
+
+    async def post(link, path, data):
+        asked = msgpack.unpackb(data)
+        if path == "/sync":
+            return peer.answer_sync(asked)
+        return peer.answer_fetch([i for i in asked if i != lost])
+
+    me._post = post
+    me._enqueue = lambda link, envs: None
+    for _ in range(20):
+        await me.reconcile(me.links["bo"])
+    assert other.msg.id in mine
+    assert sum(s.msg.id in mine for s in bucket) == 8 and lost not in mine
+    assert "bo" not in me.caught_up  # the lost one is still lacking: never "caught up"
