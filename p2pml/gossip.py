@@ -557,8 +557,10 @@ class Gossip:
         newest = self.holdings.newest()
         for b in buckets:
             room = MAX_OUTBOX - len(push)
-            if room <= 0 or (b not in settled_now and b not in last):
+            if room <= 0:
                 break
+            if b not in settled_now and b not in last:
+                continue  # cut short before its first id: no range to compare
             listed = sum(1 for i in their_ids if i[0] == b)
             for i in self.holdings.bucket_ids(b, sent.get(b), room + listed, newest):
                 if b not in settled_now and i >= last[b]:

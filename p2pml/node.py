@@ -64,6 +64,7 @@ def steady_malloc() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    steady_malloc()  # before the log is read: its ids fill the tables
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     prog = "p2pml.node"
     try:
@@ -82,7 +83,6 @@ def main(argv=None) -> int:
     log.info("peer %s (%s, id %s, %s) on http://%s:%d, data in %s", me.name, me.model, node.id,
              args.behavior, host, me.port, data.path)
     tune_gc()
-    steady_malloc()
     try:
         asyncio.run(serve(node, host, me.port))
     except OSError as exc:

@@ -108,3 +108,13 @@ def test_an_id_table_takes_a_fraction_of_a_dicts_memory():
     per_entry = table_bytes / len(keys)
     assert per_entry < 60, per_entry  # 40 in the arrays, the dict of the newest, a 2 MiB filter
     assert table_bytes * 2.5 < dict_bytes  # about 145 bytes an entry, (table_bytes, dict_bytes)
+
+
+def test_a_node_fixes_glibcs_mmap_threshold():
+    """With glibc (this machine's C library) the node keeps the mmap threshold where it starts,
+    so the tables' replaced arrays go back to the system instead of fragmenting the heap."""
+    import platform
+
+    from p2pml.node import steady_malloc
+
+    assert steady_malloc() is (platform.libc_ver()[0] == "glibc")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -698,57 +699,95 @@ def test_a_bucket_cut_short_by_the_answer_limit_is_not_settled(monkeypatch):
     assert settled == [b for b in range(g.BUCKETS) if b != 7]
 
 
-async def test_a_bucket_larger_than_one_answer_is_paged_through(monkeypatch):
-    """A bucket holding more ids than one /sync answer lists is paged through: each answer lists
-    its ids after the last one the asker holds, sorted, until the rest fits; then it is settled
-    and the asker is caught up. Before, only its first MAX_SYNC_IDS ids ever travelled."""
+@functools.cache
+def _signed_queries(n: int) -> tuple:
+    """``n`` signed one-row queries by one author (signing thousands takes a while: once)."""
+    from p2pml.ledger import Query
+    from p2pml.wire import Identity
+
+    author = Identity.from_seed(b"\x01" * 32)
+    return tuple(author.sign(SYNC_GID, Query(k + 1, ((5.1, 3.5, 1.4, 0.2),))) for k in range(n))
+
+
+SYNC_GID = b"\x07" * 32
+
+
+def _in_fullest_bucket(n: int) -> tuple[int, list]:
+    """The bucket holding the most of ``_signed_queries(n)``, and those messages, by id."""
+    by_bucket: dict[int, list] = {}
+    for s in _signed_queries(n):
+        by_bucket.setdefault(s.msg.id[0], []).append(s)
+    big = max(range(255), key=lambda b: len(by_bucket.get(b, ())))
+    return big, sorted(by_bucket[big], key=lambda s: s.msg.id)
+
+
+def _sync_pair(theirs, ours=(), accept=lambda mid, mine: True, serve=lambda ids: ids,
+               old_fields: int = 3, refuses_pages: bool = False):
+    """A node ("ada") holding ``ours`` and a peer ("bo") holding ``theirs``, the node's
+    requests answered by the peer's own /sync and /fetch code without the network. ``accept``
+    decides which fetched messages the node takes (the others are refused, as for a missing
+    registration); ``serve`` which asked ids the peer's /fetch serves; an older peer answers
+    ``old_fields`` fields, and refuses a paged /sync if ``refuses_pages``. Returns the node,
+    its holdings, the peer's holdings, the pages each /sync sent (None if none) and what the
+    node queued for the peer."""
     import msgpack
 
     from p2pml import gossip as g
     from p2pml.config import PeerConfig
-    from p2pml.ledger import Query
-    from p2pml.wire import Identity, message_id, pack
+    from p2pml.wire import message_id, pack
 
-    monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
-    gid = b"\x07" * 32
-    author = Identity.from_seed(b"\x01" * 32)
-    signed = [author.sign(gid, Query(n + 1, ((5.1, 3.5, 1.4, 0.2),))) for n in range(3000)]
-    by_bucket: dict[int, list] = {}
-    for s in signed:
-        by_bucket.setdefault(s.msg.id[0], []).append(s)
-    big = max(by_bucket, key=lambda b: len(by_bucket[b]))
-    theirs, ours = by_bucket[big][:-2], by_bucket[big][-2:]  # two the peer lacks
-    assert len(theirs) >= 3 * g.MAX_SYNC_IDS  # three pages at least
-    held = g.Holdings()
+    peer_h, mine = g.Holdings(), g.Holdings()
     for s in theirs:
-        held.add(s.msg.id, s.raw)
-    peer = g.Gossip("bo", [], held, None, request_timeout_ms=1000, interval_ms=500)
-    mine = g.Holdings()
+        peer_h.add(s.msg.id, s.raw)
     for s in ours:
         mine.add(s.msg.id, s.raw)
-    asked_pages, pushed = [], []
+    peer = g.Gossip("bo", [], peer_h, None, request_timeout_ms=1000, interval_ms=500)
 
     async def ingest(envs, source):
         for key, body, sig in envs:
-            mine.add(message_id(gid, key, body), pack([key, body, sig]))
+            mid = message_id(SYNC_GID, key, body)
+            if accept(mid, mine):
+                mine.add(mid, pack([key, body, sig]))
         return {"accepted": len(envs)}
 
     me = g.Gossip("ada", [PeerConfig("bo", "127.0.0.1", 1, "knn")], mine, ingest,
                   request_timeout_ms=1000, interval_ms=500)
+    pages, pushed = [], []
 
-    async def post(link, path, data):  # the peer's answers, without the network
+    async def post(link, path, data):
         asked = msgpack.unpackb(data)
-        if path == "/sync":
-            asked_pages.append(asked[1] if len(asked) == 2 else None)
-            return peer.answer_sync(asked)
-        return peer.answer_fetch(asked)
+        if path == "/fetch":
+            return peer.answer_fetch(serve(asked))
+        paged = len(asked) == 2
+        pages.append(asked[1] if paged else None)
+        if paged and refuses_pages:
+            return None
+        return pack(msgpack.unpackb(peer.answer_sync(asked))[:old_fields])
 
     me._post = post
     me._enqueue = lambda link, envs: pushed.extend(envs)
-    for _ in range(len(theirs)):
+    return me, mine, peer_h, pages, pushed
+
+
+async def _reconcile_until_caught_up(me, times: int) -> None:
+    for _ in range(times):
         await me.reconcile(me.links["bo"])
         if "bo" in me.caught_up:
-            break
+            return
+
+
+async def test_a_bucket_larger_than_one_answer_is_paged_through(monkeypatch):
+    """A bucket holding more ids than one /sync answer lists is paged through: each answer lists
+    its ids after the last one the asker holds, sorted, until the rest fits; then it is settled
+    and the asker is caught up. Before, only its first MAX_SYNC_IDS ids ever travelled."""
+    from p2pml import gossip as g
+
+    monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
+    _, bucket = _in_fullest_bucket(3000)
+    theirs, ours = bucket[:-2], bucket[-2:]  # two the peer lacks
+    assert len(theirs) >= 3 * g.MAX_SYNC_IDS  # three pages at least
+    me, mine, _, asked_pages, pushed = _sync_pair(theirs, ours)
+    await _reconcile_until_caught_up(me, len(theirs))
     assert all(s.msg.id in mine for s in theirs) and "bo" in me.caught_up
     assert asked_pages[0] is None  # the first sync asks with the digest alone (as before)
     pages = [p[0][1] for p in asked_pages[1:]]  # then on from the last id held, in order
@@ -774,130 +813,50 @@ def test_a_malformed_sync_page_is_refused():
             peer.answer_sync([digest, pages])
 
 
-def _peer_pair(old_fields: int, refuses_pages: bool):
-    """A node and a peer of an older version: its /sync answer has ``old_fields`` fields, and
-    it refuses (400) a paged /sync if ``refuses_pages``."""
-    import msgpack
-
-    from p2pml import gossip as g
-    from p2pml.config import PeerConfig
-    from p2pml.wire import message_id, pack
-
-    gid = b"\x07" * 32
-    peer_h, mine = g.Holdings(), g.Holdings()
-    peer = g.Gossip("bo", [], peer_h, None, request_timeout_ms=1000, interval_ms=500)
-
-    async def ingest(envs, source):
-        for key, body, sig in envs:
-            mine.add(message_id(gid, key, body), pack([key, body, sig]))
-        return {"accepted": len(envs)}
-
-    me = g.Gossip("ada", [PeerConfig("bo", "127.0.0.1", 1, "knn")], mine, ingest,
-                  request_timeout_ms=1000, interval_ms=500)
-    syncs = []
-
-    async def post(link, path, data):
-        asked = msgpack.unpackb(data)
-        if path == "/sync":
-            paged = len(asked) == 2
-            syncs.append(paged)
-            if paged and refuses_pages:
-                return None
-            return pack(msgpack.unpackb(peer.answer_sync(asked))[:old_fields])
-        return peer.answer_fetch(asked)
-
-    me._post = post
-    me._enqueue = lambda link, envs: None
-    return peer_h, mine, me, syncs
-
-
 async def test_anti_entropy_goes_on_with_a_peer_that_does_not_page(monkeypatch):
     """An older peer answers [buckets, ids] (no settled list: nothing is paged with it), or
     refuses a paged /sync (the node then asks it without pages for PAGING_RETRY_S): either way
     what it gets later still reaches the node. (A review found both stopping anti-entropy with
     that peer for good.)"""
     from p2pml import gossip as g
-    from p2pml.ledger import Query
-    from p2pml.wire import Identity
 
-    author = Identity.from_seed(b"\x01" * 32)
-
-    def signed(first, n):
-        return [author.sign(b"\x07" * 32, Query(k + 1, ((5.1, 3.5, 1.4, 0.2),))) for k in range(first, first + n)]
-
-    peer_h, mine, me, syncs = _peer_pair(2, False)
-    for s in signed(0, 20):
+    signed = _signed_queries(5200)
+    me, mine, peer_h, syncs, _ = _sync_pair(signed[:20], old_fields=2)
+    await me.reconcile(me.links["bo"])
+    assert all(s.msg.id in mine for s in signed[:20]) and me._pages["bo"] == {}
+    for s in signed[100:120]:
         peer_h.add(s.msg.id, s.raw)
     await me.reconcile(me.links["bo"])
-    assert all(s.msg.id in mine for s in signed(0, 20)) and me._pages["bo"] == {}
-    for s in signed(100, 20):
-        peer_h.add(s.msg.id, s.raw)
-    await me.reconcile(me.links["bo"])
-    assert all(s.msg.id in mine for s in signed(100, 20)) and syncs == [False, False]
+    assert all(s.msg.id in mine for s in signed[100:120]) and syncs == [None, None]
 
     monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
-    peer_h, mine, me, syncs = _peer_pair(3, True)
-    msgs = signed(0, 3000)
-    big = max(range(256), key=lambda b: sum(s.msg.id[0] == b for s in msgs))
-    for s in msgs:
-        if s.msg.id[0] == big:
-            peer_h.add(s.msg.id, s.raw)
+    big, bucket = _in_fullest_bucket(3000)
+    me, mine, peer_h, syncs, _ = _sync_pair(bucket, refuses_pages=True)
     await me.reconcile(me.links["bo"])  # cut short: a page is set
     assert me._pages["bo"]
     await me.reconcile(me.links["bo"])  # refused: no more pages for a while
-    # (in buckets before the big one: without pages, an answer of 3 ids never gets past it)
-    later = [s for s in signed(5000, 200) if s.msg.id[0] < big][:20]
+    # (in buckets before the big one, which is larger: an answer of 3 ids lists them first)
+    later = [s for s in signed[5000:] if s.msg.id[0] < big][:20]
     for s in later:
         peer_h.add(s.msg.id, s.raw)
     for _ in range(60):  # 3 ids an answer
         await me.reconcile(me.links["bo"])
-    assert syncs[:2] == [False, True] and not any(syncs[2:])
+    assert syncs[0] is None and syncs[1] is not None and not any(syncs[2:])
     assert all(s.msg.id in mine for s in later)
 
 
 async def test_paging_passes_messages_refused_for_now(monkeypatch):
     """Messages refused until their author's registration arrives do not keep a bucket on its
     first page: the pages move on once each listed id was fetched (held or refused), so a
-    registration further on in the bucket travels, and the next pass takes the rest."""
-    import msgpack
-
+    registration further on in the bucket travels, and the next pass takes the rest (a bucket
+    counts as settled only after a pass of pages that left nothing lacking)."""
     from p2pml import gossip as g
-    from p2pml.config import PeerConfig
-    from p2pml.ledger import Query
-    from p2pml.wire import Identity, message_id, pack
 
     monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
-    gid = b"\x07" * 32
-    author = Identity.from_seed(b"\x01" * 32)
-    msgs = [author.sign(gid, Query(k + 1, ((5.1, 3.5, 1.4, 0.2),))) for k in range(3000)]
-    big = max(range(256), key=lambda b: sum(s.msg.id[0] == b for s in msgs))
-    bucket = sorted((s for s in msgs if s.msg.id[0] == big), key=lambda s: s.msg.id)
+    _, bucket = _in_fullest_bucket(3000)
     registration = bucket[-1].msg.id  # stands for it: last in its bucket, the rest wait for it
-    peer_h, mine = g.Holdings(), g.Holdings()
-    for s in bucket:
-        peer_h.add(s.msg.id, s.raw)
-    peer = g.Gossip("bo", [], peer_h, None, request_timeout_ms=1000, interval_ms=500)
-
-    async def ingest(envs, source):
-        for key, body, sig in envs:
-            mid = message_id(gid, key, body)
-            if mid == registration or registration in mine:
-                mine.add(mid, pack([key, body, sig]))
-        return {"accepted": len(envs)}
-
-    me = g.Gossip("ada", [PeerConfig("bo", "127.0.0.1", 1, "knn")], mine, ingest,
-                  request_timeout_ms=1000, interval_ms=500)
-
-    async def post(link, path, data):
-        asked = msgpack.unpackb(data)
-        return peer.answer_sync(asked) if path == "/sync" else peer.answer_fetch(asked)
-
-    me._post = post
-    me._enqueue = lambda link, envs: None
-    for _ in range(4 * len(bucket)):
-        await me.reconcile(me.links["bo"])
-        if "bo" in me.caught_up:
-            break
+    me, mine, _, _, _ = _sync_pair(bucket, accept=lambda mid, mine: mid == registration or registration in mine)
+    await _reconcile_until_caught_up(me, 4 * len(bucket))
     assert all(s.msg.id in mine for s in bucket) and "bo" in me.caught_up
 
 
@@ -939,42 +898,14 @@ async def test_a_bucket_that_keeps_differing_does_not_starve_the_others(monkeypa
     """A peer lists an id it cannot serve (its log lost it, or it lies): the bucket keeps
     differing, but its pages move on past that id (the fetch answer was not cut for size), and
     answers list the smallest buckets first, so a message in another bucket still travels."""
-    import msgpack
-
     from p2pml import gossip as g
-    from p2pml.config import PeerConfig
-    from p2pml.ledger import Query
-    from p2pml.wire import Identity, message_id, pack
 
     monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
-    gid = b"\x07" * 32
-    author = Identity.from_seed(b"\x01" * 32)
-    msgs = [author.sign(gid, Query(k + 1, ((5.1, 3.5, 1.4, 0.2),))) for k in range(4000)]
-    big = max(range(255), key=lambda b: sum(s.msg.id[0] == b for s in msgs))
-    bucket = sorted((s for s in msgs if s.msg.id[0] == big), key=lambda s: s.msg.id)[:9]
-    other = next(s for s in msgs if s.msg.id[0] > big)  # sorts after it
+    big, bucket = _in_fullest_bucket(4000)
+    bucket = bucket[:9]
+    other = next(s for s in _signed_queries(4000) if s.msg.id[0] > big)  # sorts after it
     lost = bucket[4].msg.id
-    peer_h, mine = g.Holdings(), g.Holdings()
-    for s in bucket + [other]:
-        peer_h.add(s.msg.id, s.raw)
-    peer = g.Gossip("bo", [], peer_h, None, request_timeout_ms=1000, interval_ms=500)
-
-    async def ingest(envs, source):
-        for key, body, sig in envs:
-            mine.add(message_id(gid, key, body), pack([key, body, sig]))
-        return {"accepted": len(envs)}
-
-    me = g.Gossip("ada", [PeerConfig("bo", "127.0.0.1", 1, "knn")], mine, ingest,
-                  request_timeout_ms=1000, interval_ms=500)
-
-    async def post(link, path, data):
-        asked = msgpack.unpackb(data)
-        if path == "/sync":
-            return peer.answer_sync(asked)
-        return peer.answer_fetch([i for i in asked if i != lost])
-
-    me._post = post
-    me._enqueue = lambda link, envs: None
+    me, mine, _, _, _ = _sync_pair(bucket + [other], serve=lambda ids: [i for i in ids if i != lost])
     for _ in range(20):
         await me.reconcile(me.links["bo"])
     assert other.msg.id in mine
