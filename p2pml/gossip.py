@@ -541,11 +541,11 @@ class Gossip:
         for i in their_ids:
             if i[0] not in last or i > last[i[0]]:
                 last[i[0]] = i
+        stuck = {i[0] for i in lacking_now - fetched}  # listed ids this sync did not get to
         for b in list(pages):
-            if b in settled_now:
+            if b in settled_now and b not in stuck:  # (if stuck, its last page is asked again)
                 del pages[b]
         if settled is not None:
-            stuck = {i[0] for i in lacking_now - fetched}
             for b in buckets:
                 if b in last and b not in settled_now and b not in stuck:
                     pages[b] = (last[b], (b not in sent or pages[b][1]) and b not in short)

@@ -911,3 +911,20 @@ async def test_a_bucket_that_keeps_differing_does_not_starve_the_others(monkeypa
     assert other.msg.id in mine
     assert sum(s.msg.id in mine for s in bucket) == 8 and lost not in mine
     assert "bo" not in me.caught_up  # the lost one is still lacking: never "caught up"
+
+
+async def test_a_last_page_fetched_in_part_is_asked_again(monkeypatch):
+    """When one sync cannot fetch every id its answer listed (at most FETCHES_PER_SYNC fetches of
+    MAX_BATCH_MESSAGES ids), the page stays where it was, the last page of a bucket included:
+    the next sync lists the same ids, not the bucket from its beginning."""
+    from p2pml import gossip as g
+
+    monkeypatch.setattr(g, "MAX_SYNC_IDS", 3)
+    monkeypatch.setattr(g, "FETCHES_PER_SYNC", 1)
+    monkeypatch.setattr(g, "MAX_BATCH_MESSAGES", 1)  # one id a sync
+    _, bucket = _in_fullest_bucket(3000)
+    bucket = bucket[:9]
+    me, mine, _, pages, _ = _sync_pair(bucket)
+    await _reconcile_until_caught_up(me, 40)
+    assert all(s.msg.id in mine for s in bucket) and "bo" in me.caught_up
+    assert len(pages) <= len(bucket) + 1  # one id a sync, and one sync to see it settled
