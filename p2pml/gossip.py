@@ -98,11 +98,6 @@ class Holdings:
         """Every id held now, by index (see ``IdView``): for a rebuild, in another thread."""
         return self._stored.view().extended(list(self._recent))
 
-    def ids(self) -> Iterator[bytes]:
-        """Every id held (a snapshot of the newest: safe while messages arrive)."""
-        yield from self._stored
-        yield from list(self._recent)
-
     def recent(self) -> Iterator[tuple[bytes, bytes]]:
         """(id, envelope) of those in memory."""
         return ((mid, raw) for mid, (raw, _) in self._recent.items())
@@ -171,19 +166,10 @@ class Holdings:
                 del ids[limit:]
         return ids
 
-    def ids_by_bucket(self, buckets: list[int], after: dict[int, bytes] | None = None,
-                      limit: int | None = None) -> dict[int, list[bytes]]:
-        """``bucket_ids`` of each of ``buckets``."""
-        after, newest = after or {}, self.newest()
-        return {b: self.bucket_ids(b, after.get(b), limit, newest) for b in sorted(set(buckets))}
-
     def lacking(self, mids: list[bytes]) -> list[bytes]:
         """Those of ``mids`` not held (the old ones looked up in one vectorized search)."""
         rest = [mid for mid in mids if mid not in self._recent]
         return [mid for mid, held in zip(rest, self._stored.have(rest)) if not held]
-
-    def ids_in(self, buckets: list[int]) -> list[bytes]:
-        return [i for ids in self.ids_by_bucket(buckets).values() for i in ids]
 
 
 # -- peer scoring ---------------------------------------------------------------------------------

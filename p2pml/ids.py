@@ -14,7 +14,6 @@ listings are for the owning thread.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -130,18 +129,6 @@ class IdTable:
         a ledger rebuild goes through millions of them, in another thread."""
         return IdView([chunk.ids for chunk in self._chunks], list(self._recent), self.width)
 
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._chunks:
-            for k in chunk.ids:
-                yield self._full(k)
-        yield from list(self._recent)
-
-    def items(self) -> Iterator[tuple[bytes, int]]:
-        for chunk in self._chunks:
-            for k, v in zip(chunk.ids, chunk.values.tolist()):
-                yield self._full(k), v
-        yield from list(self._recent.items())
-
     def newest_by_first_byte(self) -> dict[int, list[bytes]]:
         """The ids not merged yet, by first byte (one pass: for listing many buckets)."""
         out: dict[int, list[bytes]] = {}
@@ -170,13 +157,6 @@ class IdTable:
         if limit is not None:
             del out[limit:]
         return out
-
-    def by_first_byte(self, firsts: Iterable[int], after: dict[int, bytes] | None = None,
-                      limit: int | None = None) -> dict[int, list[bytes]]:
-        """``in_bucket`` for each of ``firsts``."""
-        after = after or {}
-        newest = self.newest_by_first_byte()
-        return {b: self.in_bucket(b, after.get(b), limit, newest) for b in sorted(set(firsts))}
 
 
 class IdView:
