@@ -14,9 +14,12 @@ import re
 import resource
 import signal
 import time
+from http import HTTPStatus
 
 import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from p2pml.gossip import MSGPACK, PEER_HEADER, PROOF_HEADER
 from p2pml.model import FEATURES
@@ -83,7 +86,8 @@ def parse_features(fields: dict, source: str, text: bool) -> tuple[float, ...]:
         if not isinstance(raw, list):
             raise BadInput("'features' must be a list of 4 numbers")
         if len(raw) != len(FEATURES):
-            raise BadInput(f"'features' has {len(raw)} values, but the model expects "
+            got = f"{len(raw)} value" + ("" if len(raw) == 1 else "s")
+            raise BadInput(f"'features' has {got}, but the model expects "
                            f"{len(FEATURES)}: {', '.join(FEATURES)}")
         return tuple(_number(f"feature {i + 1} ({n})", x, text) for i, (x, n) in enumerate(zip(raw, FEATURES)))
     missing = [n for n in FEATURES if n not in fields]
@@ -166,10 +170,14 @@ async def health(request: web.Request) -> web.Response:
     if node.key_conflict:
         return web.json_response({"status": "key in use elsewhere", "error": node.key_conflict},
                                  status=503)
+    if node.seat_conflict:
+        return web.json_response({"status": "seat held by another key", "error": node.seat_conflict,
+                                  "peer": node.id, "name": node.me.name}, status=503)
     backlog = node.data.backlog()
     if backlog:
         return web.json_response({"status": "cannot write its log", "error": backlog}, status=503)
-    return web.json_response({"status": "ok", "peer": node.id, "name": node.me.name,
+    return web.json_response({"status": "ok", "ready": node.readiness.ready,
+                              "ready_reason": node.readiness.reason, "peer": node.id, "name": node.me.name,
                               "model": node.me.model, "behavior": node.model.behavior,
                               "root": node.ledger.root(), "reachable": sorted(node.gossip.reachable()),
                               "intake": node.stats, "pushes": node.gossip.pushes,
@@ -177,6 +185,20 @@ async def health(request: web.Request) -> web.Response:
                               "outbox_dropped": {n: link.dropped for n, link in node.gossip.links.items()},
                               "scores": node.scores.view(),
                               "connections": request.app[GUARD].view()})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness, for load balancers and scripts: 200 once queries get answers that count the
+    peers' votes (see readiness.py), else 503 with Retry-After."""
+    node = request.app[NODE]
+    problem = node.key_conflict or node.seat_conflict or node.data.backlog() or (
+        None if node.readiness.ready else f"not ready yet: {node.readiness.reason}")
+    if problem:
+        return web.json_response({"ready": False, "peer": node.id, "error": problem}, status=503,
+                                 headers={"Retry-After": "1"})
+    return web.json_response({"ready": True, "peer": node.id, "name": node.me.name,
+                              "reason": node.readiness.reason,
+                              "reachable": sorted(node.gossip.reachable())})
 
 
 def _source(request: web.Request) -> str:
@@ -323,16 +345,11 @@ def make_app(node: Node) -> web.Application:
     app[NODE] = node
     app[GUARD] = ConnectionGuard(node.net.idle_timeout_ms / 1000)
 
-    async def lifecycle(app: web.Application):
-        await node.start()
-        yield
-        await node.close()
-
-    app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/predict", predict_get)
+    app.router.add_get("/predict", predict_get, allow_head=False)  # a HEAD must cause no work: 405
     app.router.add_post("/predict", predict_post)
     app.router.add_get("/ledger", ledger)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_post("/gossip", gossip)
     app.router.add_get("/gossip/ws", gossip_ws)
     app.router.add_post("/sync", sync)
@@ -351,6 +368,32 @@ class _Conn:
     def __init__(self, address: str, transport):
         self.address, self.transport = address, transport
         self.busy, self.since = 0, time.monotonic()
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp answers a request its parser refuses (a 20 KB URL or header: 400) before any
+    middleware sees it, in text/plain; this answers those in JSON too, logged at debug level
+    only (the client's fault, and cheap to provoke)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("error handling %s %s", request.method, request.path, exc_info=exc)
+            text = "internal error" if status == 500 else HTTPStatus(status).phrase.lower()
+        else:
+            log.debug("refused a malformed request from %s: %s", request.remote, message or exc)
+            if isinstance(exc, LineTooLong):
+                text = (f"the request line or a header is longer than {exc.args[1]} bytes "
+                        f"(a /predict query needs a few dozen)")
+            else:
+                text = f"malformed HTTP request: {(message or HTTPStatus(status).phrase)[:200]}"
+        if request.writer.output_size > 0:  # part of an answer left: the connection is broken
+            raise ConnectionError("an answer was being sent; cannot send an error instead")
+        resp = web.json_response({"error": text}, status=status)
+        resp.force_close()
+        return resp
 
 
 class ConnectionGuard:
@@ -378,6 +421,9 @@ class ConnectionGuard:
 
             def __init__(self):
                 self.inner = factory()
+                # the same handler, built as aiohttp builds it, answering its own errors in JSON
+                if type(self.inner) is RequestHandler:
+                    self.inner.__class__ = _JsonErrors
                 self.conn: _Conn | None = None
 
             def connection_made(self, transport):
@@ -445,7 +491,8 @@ class ConnectionGuard:
 
 
 async def serve(node: Node, host: str, port: int) -> None:
-    """Run the API until SIGINT or SIGTERM, behind the connection guard."""
+    """Run the API until SIGINT, SIGTERM or SIGHUP (each a clean stop), behind the connection
+    guard."""
     app = make_app(node)
     guard = app[GUARD]
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=guard.idle_s,
@@ -453,20 +500,34 @@ async def serve(node: Node, host: str, port: int) -> None:
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stopped_by: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
+        loop.add_signal_handler(sig, lambda sig=sig: (stopped_by.append(sig.name), stop.set()))
     try:
         server = await loop.create_server(guard.wrap(runner.server), host, port, reuse_address=True)
     except OSError:
         await runner.cleanup()
         raise
+    log.info("listening on http://%s:%d", host, port)
     sweeper = asyncio.create_task(_sweep(guard))
+    # Live before ready: the start-up sync runs while the node listens (/health answers, /ready
+    # and /predict say 503), so a peer that hears from us during it can answer back at once.
+    try:
+        await node.start()
+    except BaseException:
+        sweeper.cancel()
+        server.close()
+        await runner.cleanup()
+        raise
     try:
         await stop.wait()
+        log.info("stopping on %s: finishing what is in flight", stopped_by[0])
     finally:
         sweeper.cancel()
         server.close()
         await runner.cleanup()
+        await node.close()
+    log.info("stopped cleanly; ledger root %s", node.ledger.root()[:16])
 
 
 async def _sweep(guard: ConnectionGuard) -> None:

@@ -19,8 +19,10 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from p2pml.config import MODEL_KINDS, NETWORK_SETTINGS, NetworkConfig, load
-from p2pml.store import DataDir
+from p2pml.config import MODEL_KINDS, NetworkConfig, load
+from p2pml.ledger import peer_id
+from p2pml.network import pin_keys
+from p2pml.store import KEY_FILE
 from p2pml.wire import Identity
 
 PEER_NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
@@ -79,36 +81,37 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(resp.read())
 
 
-def pin_keys(net: NetworkConfig, data_root: Path, path: Path) -> Path:
-    """Make (or load) every peer's key in its data dir, and write a copy of the network file
-    with every seat pinned to its key, so that no other key can ever take a seat."""
-    lines = ["[network]"] + [f"{k} = {getattr(net, k)}" for k in NETWORK_SETTINGS]
-    for peer in net.peers:
-        key = peer.key
-        if key is None:
-            data = DataDir(data_root / peer.name)
-            try:
-                key = Identity.from_seed(data.load_or_create_seed(lambda: Identity.generate().seed())).key
-            finally:
-                data.close()
-        lines += ["", "[[peer]]", f'name = "{peer.name}"', f'host = "{peer.host}"', f"port = {peer.port}",
-                  f'model = "{peer.model}"', f'key = "{key.hex()}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 class LocalCluster:
     def __init__(self, peers_file: str | Path, data_root: str | Path,
                  behaviors: dict[str, str] | None = None, log_level: str = "INFO",
-                 bind_hosts: dict[str, str] | None = None):
+                 bind_hosts: dict[str, str] | None = None, pin: bool = True):
         self.data_root = Path(data_root)
         self.data_root.mkdir(parents=True, exist_ok=True)
-        self.peers_file = pin_keys(load(peers_file), self.data_root, self.data_root / "peers.pinned.toml")
+        # pinned (the default): every seat's key is made now, in its data dir, so that no other
+        # key can take a seat; unpinned: a seat goes to the first registration, as by hand
+        self.peers_file = (pin_keys(load(peers_file), self.data_root, self.data_root / "peers.pinned.toml")
+                           if pin else Path(peers_file))
         self.net: NetworkConfig = load(self.peers_file)
         self.behaviors = behaviors or {}
         self.log_level = log_level
         self.bind_hosts = bind_hosts or {}  # peers that listen elsewhere than they are reached
         self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def peer_ids(self) -> dict[str, str]:
+        """Each peer's id, as its ``/ready`` and ``/health`` give it: its pinned key's, else
+        the key's in its data dir (None before its first start)."""
+        out = {}
+        for p in self.net.peers:
+            key = p.key
+            if key is None:
+                seed = self.data_root / p.name / KEY_FILE
+                key = Identity.from_seed(seed.read_bytes()).key if seed.exists() else None
+            out[p.name] = peer_id(key) if key else None
+        return out
+
+    def port(self, name: str) -> int:
+        return next(p.port for p in self.net.peers if p.name == name)
 
     @property
     def names(self) -> list[str]:
@@ -138,7 +141,8 @@ class LocalCluster:
                     cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True)  # Ctrl-C in a terminal reaches us, and we stop them
 
-    def wait_healthy(self, timeout: float = 60.0, names: list[str] | None = None) -> None:
+    def wait_ready(self, timeout: float = 60.0, names: list[str] | None = None) -> None:
+        """Until each peer answers ``GET /ready`` with 200 (or one of them exits)."""
         deadline = time.monotonic() + timeout
         for name in names or self.names:
             while True:
@@ -146,13 +150,20 @@ class LocalCluster:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"peer {name} exited with code {proc.returncode}; "
                                        f"see {self.data_root / (name + '.log')}")
-                try:
-                    get_json(self.url(name) + "/health", timeout=1.0)
-                    break
+                try:  # 503 until ready: urllib raises HTTPError, an URLError
+                    answer = get_json(self.url(name) + "/ready", timeout=1.0)
                 except (OSError, urllib.error.URLError, ValueError):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"peer {name} not healthy after {timeout:.0f}s") from None
-                    time.sleep(0.1)
+                    answer = None
+                if answer is not None:
+                    expected = self.peer_ids[name]
+                    if expected is not None and answer.get("peer") != expected:
+                        raise RuntimeError(
+                            f"{self.url(name)} answers as another node (id {answer.get('peer')}, not "
+                            f"{expected}): is something else listening on port {self.port(name)}?")
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"peer {name} not ready after {timeout:.0f}s")
+                time.sleep(0.1)
 
     def wait_registered(self, timeout: float = 30.0) -> None:
         """Until every running peer's ledger lists every peer: the network is ready to vote."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +57,66 @@ class NetworkConfig:
     def genesis(self) -> Genesis:
         return Genesis(tuple(Slot(p.name, p.model, p.key) for p in self.peers))
 
-    def peer_by_port(self, port: int) -> PeerConfig:
-        for p in self.peers:
-            if p.port == port:
-                return p
-        ports = ", ".join(str(p.port) for p in self.peers)
-        raise ConfigError(f"no peer in the network has port {port} (ports: {ports})")
+    def peer_by_port(self, port: int, host: str | None = None, name: str | None = None) -> PeerConfig:
+        """This node's own entry: by ``name`` if given, else by port, and by host where peers on
+        different hosts share the port (never the first of several)."""
+        if name is not None:
+            match = [p for p in self.peers if p.name == name]
+            if not match:
+                raise ConfigError(f"no peer in the network is named {name!r} "
+                                  f"(names: {', '.join(p.name for p in self.peers)})")
+            if match[0].port != port:
+                raise ConfigError(f"peer {name!r} has port {match[0].port}, not {port}")
+            return match[0]
+        match = [p for p in self.peers if p.port == port]
+        if not match:
+            ports = ", ".join(str(p.port) for p in self.peers)
+            raise ConfigError(f"no peer in the network has port {port} (ports: {ports})")
+        if len(match) > 1:
+            on_host = [p for p in match if host is not None and _same_host(p.host, host)]
+            if len(on_host) != 1:
+                where = ", ".join(f"{p.name}@{p.host}" for p in match)
+                given = f"none of them is on host {host}; " if host is not None else ""
+                raise ConfigError(f"several peers have port {port} ({where}): {given}"
+                                  f"pass --host with one of their hosts, or --name")
+            return on_host[0]
+        return match[0]
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_LOCALHOST = ipaddress.ip_address("127.0.0.1")
+
+
+def _address(host: str):
+    """The address a host stands for where that is known without a lookup, else its lower-case
+    name: two entries that are the same address and port would be one peer under two names."""
+    if host.lower() == "localhost":
+        return _LOCALHOST
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+
+
+def _same_host(a: str, b: str) -> bool:
+    return _address(a) == _address(b)
+
+
+def _check_host(host, name: str, where: str) -> str:
+    """An IP address (not 0.0.0.0 or ::, where nobody can be reached) or a DNS name."""
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{where}: peer {name!r} needs a 'host' (an IP address or a DNS name)")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.lower().split(".")):
+            raise ConfigError(f"{where}: peer {name!r} has host {host!r}, which is neither an IP "
+                              "address nor a valid DNS name") from None
+        return host
+    if address.is_unspecified or address.is_multicast:
+        raise ConfigError(f"{where}: peer {name!r} has host {host!r}: peers must be reachable there "
+                          "(bind to it with --host, but name the address others reach)")
+    return host
 
 
 def _peer(i: int, raw, where: str) -> PeerConfig:
@@ -72,9 +128,7 @@ def _peer(i: int, raw, where: str) -> PeerConfig:
     name = raw.get("name")
     if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
         raise ConfigError(f"{where}: peer #{i + 1} needs a printable 'name' of 1-64 characters")
-    host = raw.get("host", "127.0.0.1")
-    if not isinstance(host, str) or not host:
-        raise ConfigError(f"{where}: peer {name!r} has a bad 'host'")
+    host = _check_host(raw.get("host", "127.0.0.1"), name, where)
     port = raw.get("port")
     if type(port) is not int or not 1 <= port <= 65535:
         raise ConfigError(f"{where}: peer {name!r} needs an integer 'port' in 1-65535, got {port!r}")
@@ -116,13 +170,16 @@ def parse(text: str, where: str = "peers.toml") -> NetworkConfig:
     if not isinstance(raw_peers, list) or not raw_peers:
         raise ConfigError(f"{where}: no [[peer]] entries; the network needs at least one peer")
     peers = tuple(_peer(i, raw, where) for i, raw in enumerate(raw_peers))
-    for attr in ("name", "port"):
-        seen = set()
-        for p in peers:
-            value = getattr(p, attr) if attr == "name" else (p.host, p.port)
-            if value in seen:
-                raise ConfigError(f"{where}: two peers share the {attr} {value!r}")
-            seen.add(value)
+    names: set[str] = set()
+    places: dict[tuple, PeerConfig] = {}
+    for p in peers:
+        if p.name in names:
+            raise ConfigError(f"{where}: two peers share the name {p.name!r}")
+        names.add(p.name)
+        other = places.setdefault((_address(p.host), p.port), p)
+        if other is not p:
+            raise ConfigError(f"{where}: peers {other.name!r} ({other.host}:{other.port}) and {p.name!r} "
+                              f"({p.host}:{p.port}) are the same address and port")
     return NetworkConfig(peers, **settings)
 
 

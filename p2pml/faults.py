@@ -246,7 +246,7 @@ class Harness:
             self.cluster.kill(pick[0])
             await self.held()
             self.cluster.start(pick[0])
-            await asyncio.to_thread(self.cluster.wait_healthy, 60, [pick[0]])
+            await asyncio.to_thread(self.cluster.wait_ready, 60, [pick[0]])
         elif kind == "pause":
             self.cluster.signal(pick[0], signal.SIGSTOP)
             await self.held()
@@ -254,7 +254,7 @@ class Harness:
         elif kind == "restart_all":
             await asyncio.to_thread(self.cluster.stop)
             self.cluster.start()
-            await asyncio.to_thread(self.cluster.wait_healthy, 60)
+            await asyncio.to_thread(self.cluster.wait_ready, 60)
             await self.held()
         else:
             if kind == "isolate":
@@ -297,7 +297,7 @@ class Harness:
 
     async def _run(self, kinds: list[str], rounds: int) -> dict:
         self.cluster.start()
-        await asyncio.to_thread(self.cluster.wait_healthy, 60)
+        await asyncio.to_thread(self.cluster.wait_ready, 60)
         await asyncio.to_thread(self.cluster.wait_registered, 60)
         outcomes = {k: Outcome(k) for k in kinds}
         timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)

@@ -240,7 +240,7 @@ class Link:
         self.outbox: list[bytes] = []
         self.wake = asyncio.Event()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.up = True
+        self.up = False  # until a request to it succeeds, or it reaches us
         self.failures = 0
         self.retry_at = 0.0
         self.dropped = 0
@@ -252,8 +252,10 @@ Ingest = Callable[[list, str], Awaitable[object]]
 class Gossip:
     def __init__(self, me: str, peers: list[PeerConfig], holdings: Holdings, ingest: Ingest,
                  request_timeout_ms: int, interval_ms: int, local_host: str | None = None,
-                 prove: Callable[[str, int], str] | None = None, scores: Scores | None = None):
+                 prove: Callable[[str, int], str] | None = None, scores: Scores | None = None,
+                 greeting: Callable[[], list[bytes]] | None = None):
         self.me = me
+        self._greeting = greeting  # () -> what each peer gets first whenever its link comes up
         self._prove = prove  # (receiver, unix time) -> link proof
         self._proofs: dict[str, tuple[int, str]] = {}
         self.scores = scores or Scores(64, 30.0)
@@ -333,9 +335,11 @@ class Gossip:
 
     def _mark(self, link: Link, ok: bool) -> None:
         if ok:
-            if not link.up:
+            was_up, link.up, link.failures = link.up, True, 0
+            if not was_up:
                 log.info("peer %s is reachable again", link.cfg.name)
-            link.up, link.failures = True, 0
+                if self._greeting is not None:  # it may have missed what we said while it was away
+                    self._enqueue(link, self._greeting())
             return
         if link.up:
             log.info("peer %s is unreachable; skipping it until it answers", link.cfg.name)
@@ -445,6 +449,15 @@ class Gossip:
                 asyncio.gather(*(self._reconcile_safely(link) for link in self.links.values())), timeout)
         except TimeoutError:
             log.info("start-up reconciliation incomplete after %.1fs", timeout)
+
+    async def reconnect(self, timeout: float) -> None:
+        """Try every unreachable peer now, whatever its back-off says (while getting ready)."""
+        down = [link for link in self.links.values() if not link.up]
+        if down:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(self._reconcile_safely(l) for l in down)), timeout)
+            except TimeoutError:
+                pass
 
     async def _reconcile_safely(self, link: Link) -> None:
         try:

@@ -446,6 +446,7 @@ class Ledger:
         self._seats: dict[bytes, Message] = {}  # key -> its winning registration
         self._registered: set[bytes] = set()  # keys with a valid registration (seat or not)
         self._round_author: dict[bytes, bytes] = {}  # round -> the key that asked
+        self._query_of: dict[bytes, bytes] = {}  # round -> the id of the query that asked
         self._bound: dict[bytes, bytes] = {}  # round -> what its issuer's commit in the query binds
         self._members: dict[bytes, str] = {}  # key -> peer id, for the members of genesis_state
         self._outcomes: dict[bytes, Outcome] = {}
@@ -498,6 +499,7 @@ class Ledger:
                     continue
                 self._queries[rid] = key
                 self._round_author[rid] = msg.author
+                self._query_of[rid] = msg.id
                 if body.commits:  # the issuer's own vote, committed with the question
                     authors = self._commits.setdefault(rid, {})
                     authors[msg.author] = _with(authors.get(msg.author, ()), body.commits[i], msg.id)
@@ -623,6 +625,10 @@ class Ledger:
         """The rounds whose query is held (a read-only view)."""
         return self._queries.keys()
 
+    def query_of(self, rid: bytes) -> bytes | None:
+        """The id of the query message that opened a held round."""
+        return self._query_of.get(rid)
+
     def committers(self, rid: bytes) -> set[bytes]:
         """Keys with a commit on this round (valid or not)."""
         return set(self._commits.get(rid, ()))
@@ -689,7 +695,8 @@ class Ledger:
         for _, rid in self._order[:cut]:
             self._pruned.add(rid)
             del self._queries[rid]
-            for table in (self._commits, self._reveals, self._round_author, self._bound, self._outcomes):
+            for table in (self._commits, self._reveals, self._round_author, self._query_of, self._bound,
+                          self._outcomes):
                 table.pop(rid, None)
         self._floor = self._order[cut - 1]
         del self._order[:cut]

@@ -27,7 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(default: $XDG_DATA_HOME/p2pml/peer-PORT, i.e. ~/.local/share/p2pml/peer-PORT)")
     ap.add_argument("--behavior", default="honest", choices=BEHAVIORS,
                     help="how this peer votes; anything but honest is for tests and demos")
-    ap.add_argument("--host", help="address to bind (default: the peer's host in the peers file)")
+    ap.add_argument("--host", help="address to bind (default: the peer's host in the peers file); "
+                    "also picks this peer's entry where peers on several hosts share the port")
+    ap.add_argument("--name", help="this peer's name in the peers file (default: found by port)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--show-key", action="store_true",
                     help="print this peer's public key (to pin it in the peers file) and exit")
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     prog = "p2pml.node"
     try:
         net = load(args.peers)
-        me = net.peer_by_port(args.port)
+        me = net.peer_by_port(args.port, args.host, args.name)
         data = DataDir(args.data_dir or default_data_dir(args.port))
         node = Node(net, me, data, args.behavior)
     except (ConfigError, StoreError, ValueError) as exc:

@@ -18,10 +18,12 @@ import msgpack
 import numpy as np
 
 from p2pml.config import NetworkConfig, PeerConfig
+from p2pml.events import changes, snapshot
 from p2pml.gossip import Gossip, Holdings, Scores
 from p2pml.ledger import (
     CLASSES,
     DEPOSIT,
+    INITIAL_WEIGHT,
     NOT_A_MEMBER,
     PROBA_ONE,
     PRUNE_EVERY,
@@ -40,6 +42,8 @@ from p2pml.ledger import (
     round_id,
 )
 from p2pml.model import Model, one_hot
+from p2pml.network import check_data_dir
+from p2pml.readiness import Member, Readiness
 from p2pml.store import DataDir, StoreError
 from p2pml.wire import (
     MAX_ITEMS,
@@ -99,11 +103,12 @@ class Node:
         self.net, self.me, self.data = net, me, data
         self.genesis = net.genesis()
         self.genesis_id = self.genesis.id()
+        self.verifier = Verifier(self.genesis_id)
+        check_data_dir(data, self.genesis, self.verifier)  # not a data dir of another network
         seed = data.load_or_create_seed(lambda: Identity.generate().seed())
         self.identity = Identity.from_seed(seed)
         self.id = peer_id(self.identity.key)
         self.ledger = Ledger(self.genesis)
-        self.verifier = Verifier(self.genesis_id)
         # the latest 2 x rounds_in_memory envelopes in memory, older ones read back from the log
         self.holdings = Holdings(2 * net.rounds_in_memory, self._read_logged, lambda: data.durable_end)
         self.model = Model(me.model, behavior, self.identity.key, separate=True)
@@ -115,7 +120,7 @@ class Node:
                              local_host=me.host if me.host.startswith("127.") else None,
                              prove=lambda receiver, t: self.identity.link_proof(
                                  self.genesis_id, me.name, receiver, t),
-                             scores=self.scores)
+                             scores=self.scores, greeting=lambda: self._announce)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._lamport = 0
         self._queries: list[tuple[tuple[float, ...], asyncio.Future]] = []
@@ -140,7 +145,10 @@ class Node:
         self._written_root = ""
         self.stats = {"batches": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "not_voted": 0,
                       "refused": 0}  # refused: not taken while the log cannot be written
+        self._announce: list[bytes] = []  # our registration: a peer must hold it to vote on our queries
+        self.readiness = Readiness(self._other_members, self._connected, self._reconnect)
         self.key_conflict: str | None = None  # set once a vote by our key that we never signed shows up
+        self.seat_conflict: str | None = None  # set while another key holds our seat (_check_seat)
         # The last run crashed (or our log lost its tail): votes we had sent may be lost, and
         # may come back from peers (see start). Otherwise any vote of ours that we do not hold
         # was signed elsewhere.
@@ -201,6 +209,25 @@ class Node:
                 del self._to_vote[issuer]
         log.info("loaded %d messages from %s; ledger root %s", loaded, self.data.path,
                  self.ledger.root()[:16])
+        self._logged = snapshot(self.ledger.state)  # what the log has been told (_log_events)
+        self._check_seat()
+
+    def _check_seat(self) -> None:
+        """An unpinned seat goes to the registration with the lowest id: another process that
+        registered for our name may hold it. Then this node is no member: say so, loudly."""
+        me = self.identity.key
+        holder = self._keys.get(self.me.name)
+        if self.ledger.is_member(me) or holder is None or not self.ledger.is_member(holder):
+            self.seat_conflict = None
+            return
+        problem = (f"seat {self.me.name!r} is held by another key ({peer_id(holder)}), not this "
+                   f"node's ({self.id}): another node registered for it (its registration has "
+                   f"the lower id and wins); this node is no member and answers no queries. "
+                   f"Pin the seats' keys in the peers file (python -m p2pml.network) or start "
+                   f"with the data dir that holds the seat's key")
+        if problem != self.seat_conflict:
+            log.error("%s", problem)
+        self.seat_conflict = problem
 
     async def start(self) -> None:
         """Hear from the peers first: if the network holds a vote by our key that our log does
@@ -226,6 +253,31 @@ class Node:
         ]
         own = [raw for mid, raw in self.holdings.recent() if self.ledger.author_of(mid) == self.identity.key]
         self.gossip.broadcast(own)  # announce ourselves (and anything we signed lately)
+        self._tasks.append(asyncio.create_task(self.readiness.run(), name="readiness"))
+
+    def _other_members(self) -> list[Member]:
+        """The members worth hearing before answering: the seats of the peers file (a fresh
+        node's ledger may not hold their registrations yet) that are not ejected or gone."""
+        state = self.ledger.last_state
+        by_name = {p.name: p for p in state.peers.values()}
+        others = []
+        for cfg in self.net.peers:
+            if cfg.name == self.me.name:
+                continue
+            p = by_name.get(cfg.name)
+            if p is None:
+                others.append(Member(cfg.name, DEPOSIT * INITIAL_WEIGHT))
+            elif is_active(p):
+                others.append(Member(p.name, p.stake * p.weight))
+        return others
+
+    def _connected(self) -> set[str]:
+        """Peers reachable whose registration we hold (else their votes would not count)."""
+        registered = {p.name for p in self.ledger.last_state.peers.values()}
+        return self.gossip.reachable() & registered
+
+    async def _reconnect(self, timeout: float) -> None:
+        await self.gossip.reconnect(timeout)
 
     def _after_crash(self) -> None:
         """Our votes leave before they are durable (``_vote``), so a crash may have lost commits
@@ -291,6 +343,10 @@ class Node:
         if isinstance(body, Register):
             if self.ledger.is_member(msg.author):
                 self._keys[body.name] = msg.author
+            if msg.author == self.identity.key:
+                self._announce = [signed.raw]  # sent again to each peer as it comes up
+            if body.name == self.me.name and not self._loading:
+                self._check_seat()
         elif isinstance(body, Query):
             rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
             if self.model.behavior == "copycat":
@@ -724,13 +780,16 @@ class Node:
 
     async def predict(self, row: tuple[float, ...]) -> dict:
         """Open a round for ``row``, wait for the votes (or the timeout), answer the consensus."""
-        if self.key_conflict:
-            raise Unavailable(self.key_conflict)
-        if len(self._queries) >= MAX_QUEUED_QUERIES:
-            raise Unavailable(f"overloaded: {len(self._queries)} queries already waiting")
+        problem = self.key_conflict or self.seat_conflict
+        if problem:
+            raise Unavailable(problem)
         backlog = self.data.backlog()
         if backlog:
             raise Unavailable(f"cannot open a round: {backlog}")
+        if not self.readiness.ready:
+            raise Unavailable(f"not ready yet: {self.readiness.reason}")
+        if len(self._queries) >= MAX_QUEUED_QUERIES:
+            raise Unavailable(f"overloaded: {len(self._queries)} queries already waiting")
         fut = asyncio.get_running_loop().create_future()
         self._queries.append((row, fut))
         self._query_wake.set()
@@ -750,20 +809,21 @@ class Node:
                     pass
         finally:
             del self._waiters[rid]
-        return self.answer(rid, query_id, expected)
+        return self.answer(rid, query_id)
 
     def round_view(self, rid: bytes) -> dict | None:
         """How this node's ledger decided a round (None: no query for it is held)."""
         if rid not in self.ledger.queries and not self.ledger.is_pruned(rid):
             return None
-        view = self.answer(rid, None)
+        view = self.answer(rid, self.ledger.query_of(rid))
         # settled: decided by at least one counted vote; None: too old, its outcome not kept
         kept = self.ledger.outcome(rid)
         view["settled"] = None if kept is None else kept.consensus is not None
+        if kept is None:
+            view["complete"] = view["missing"] = None  # not known any more
         return view
 
-    def answer(self, rid: bytes, query_id: bytes | None,
-               expected: frozenset[bytes] = frozenset()) -> dict:
+    def answer(self, rid: bytes, query_id: bytes | None) -> dict:
         outcome = self.ledger.outcome(rid)  # settles the rounds up to this one only
         state = self.ledger.last_state  # for names: a seat keeps its name
         power_sum, proba_sum = 0, [0] * len(CLASSES)
@@ -773,6 +833,12 @@ class Node:
             for c, p in enumerate(cv.proba):
                 proba_sum[c] += power * p
         votes = [self._vote_view(state, cv) for cv in (outcome.votes if outcome else ())]
+        counted = {cv.peer for cv in outcome.votes} if outcome else set()
+        # complete: every active member's vote counted; else the ones that were not, by name
+        # (a seat of the peers file whose registration is not held here yet is a member too)
+        named = {p.name for p in state.peers.values()}
+        missing = sorted([p.name for pid, p in state.peers.items() if is_active(p) and pid not in counted]
+                         + [cfg.name for cfg in self.net.peers if cfg.name not in named])
         consensus = outcome.consensus if outcome else None
         probabilities = ({c: round(proba_sum[i] / power_sum / 1e6, 6) for i, c in enumerate(CLASSES)}
                          if power_sum else None)
@@ -781,7 +847,8 @@ class Node:
             "probabilities": probabilities,
             "round": rid.hex(),
             "query": query_id.hex() if query_id else None,
-            "complete": bool(expected) and expected <= self.ledger.revealers(rid),
+            "complete": not missing,
+            "missing": missing,
             "late": [state.peers[pid].name for pid in outcome.late] if outcome else [],
             "late_votes": [self._vote_view(state, cv) for cv in outcome.late_votes] if outcome else [],
             "unrevealed": [state.peers[pid].name for pid in outcome.unrevealed] if outcome else [],
@@ -845,6 +912,12 @@ class Node:
         view["rounds_in_memory"] = self.ledger.rounds_held
         return view
 
+    def _log_events(self) -> None:
+        now = snapshot(self.ledger.state)
+        for line in changes(self._logged, now):
+            log.info("%s", line)
+        self._logged = now
+
     def _write_ledger(self) -> None:
         view = self.ledger_view()
         self.data.write_ledger(view)
@@ -907,6 +980,7 @@ class Node:
             if self.ledger.stale:  # also after a failed rebuild, or with nothing arriving since
                 self._maybe_rebuild()
             view = self.ledger_view()
+            self._log_events()
             if view["root"] != self._written_root:
                 try:
                     await asyncio.to_thread(self.data.write_ledger, view)

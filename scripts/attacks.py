@@ -54,7 +54,7 @@ def run(hostile: dict[str, str], passes: int) -> dict:
     rows, truth = list(x) * passes, [CLASSES[t] for t in y] * passes
     try:
         cluster.start()
-        cluster.wait_healthy()
+        cluster.wait_ready()
         cluster.wait_registered()
         answers = asyncio.run(ask_all(cluster, rows))
         ledger = next(iter(cluster.wait_converged(timeout=15).values()))

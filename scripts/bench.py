@@ -199,7 +199,7 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         cluster.start()
-        cluster.wait_healthy()
+        cluster.wait_ready()
         cluster.wait_registered()
         baseline_url = f"http://127.0.0.1:{ports[5]}"
         deadline = time.monotonic() + 60

@@ -3,13 +3,16 @@
     python scripts/cluster.py [--queries N] [--byzantine K] [--keep-running]
 
 Starts the peers of peers.toml as separate processes, sends N Iris rows to random peers, then
-prints one line per peer and whether all ledger roots agree. Exits 1 if they do not.
+prints one line per peer and whether all ledger roots agree. Exits 1 if they do not, 2 if a
+peer fails to start (its port is taken, its config is wrong: the error and its log say which).
+SIGINT, SIGTERM and SIGHUP stop every peer; a temporary data dir is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -24,7 +27,7 @@ from sklearn.datasets import load_iris
 from tqdm import tqdm
 
 from p2pml.cluster import LocalCluster, get_json
-from p2pml.config import ConfigError
+from p2pml.config import ConfigError, load
 from p2pml.ledger import WEIGHT_ONE
 from p2pml.store import StoreError
 
@@ -43,30 +46,61 @@ def main() -> int:
     args = ap.parse_args()
     if args.queries < 0:
         ap.error("--queries must be 0 or more")
+    try:
+        names = [p.name for p in load(args.peers).peers]
+    except ConfigError as exc:
+        ap.error(str(exc))
+    if not 0 <= args.byzantine <= len(names):
+        ap.error(f"--byzantine must be between 0 and {len(names)}")
+    if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        ap.error(f"--data-dir {args.data_dir}: exists and is not a directory")
+    # Closing the terminal (SIGHUP) or a kill (SIGTERM) stops the peers as Ctrl-C does: the
+    # peers run in sessions of their own, so only this script can stop them.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+    temp = args.data_dir is None
     data_root = Path(args.data_dir or tempfile.mkdtemp(prefix="p2pml-cluster-"))
     try:
         cluster = LocalCluster(args.peers, data_root)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, OSError) as exc:
+        if temp:
+            shutil.rmtree(data_root, ignore_errors=True)
         ap.error(str(exc))
-    if not 0 <= args.byzantine <= len(cluster.names):
-        ap.error(f"--byzantine must be between 0 and {len(cluster.names)}")
-    bad = cluster.names[len(cluster.names) - args.byzantine:] if args.byzantine else []
+    code = 1
+    bad = names[len(names) - args.byzantine:] if args.byzantine else []
     cluster.behaviors = {n: BAD_BEHAVIORS[i % 2] for i, n in enumerate(bad)}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the peers on SIGTERM too
-    print(f"starting {len(cluster.names)} peers (state and logs in {data_root})")
+    print(f"starting {len(names)} peers (state and logs in {data_root}"
+          f"{', removed at the end' if temp else ''})")
     try:
         cluster.start()
-        cluster.wait_healthy()
+        cluster.wait_ready()
         cluster.wait_registered()
-        return run(cluster, args)
+        code = run(cluster, args)
+        return code
     except (RuntimeError, TimeoutError) as exc:  # a peer did not start: say which, and why
         print(f"cluster.py: error: {exc}", file=sys.stderr)
-        return 2
+        print_failed_logs(cluster)
+        code = 2
+        return code
     except KeyboardInterrupt:
         print("\ninterrupted; stopping peers")
-        return 130
+        code = 130
+        return code
     finally:
         cluster.stop()
+        if temp:  # keys and logs of a throwaway network (pass --data-dir to keep them)
+            shutil.rmtree(data_root, ignore_errors=True)
+
+
+def print_failed_logs(cluster: LocalCluster, lines: int = 5) -> None:
+    """The last lines of the log of every peer that exited (before its data dir goes)."""
+    for name, proc in cluster.procs.items():
+        if proc.poll() is not None:
+            log = cluster.data_root / f"{name}.log"
+            tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+            print(f"peer {name} exited with code {proc.returncode}:", file=sys.stderr)
+            for line in tail:
+                print(f"  {line}", file=sys.stderr)
 
 
 def run(cluster: LocalCluster, args) -> int:

@@ -90,7 +90,7 @@ def main() -> int:
     keep = cluster.net.rounds_in_memory
     try:
         cluster.start()
-        cluster.wait_healthy()
+        cluster.wait_ready()
         cluster.wait_registered()
         samples = asyncio.run(run(cluster, args.seconds, args.clients, args.every))
     finally:

@@ -101,7 +101,7 @@ def make_cluster(tmp_path: Path):
         cluster = LocalCluster(peers, tmp_path / "data", behaviors)
         started.append(cluster)
         cluster.start()
-        cluster.wait_healthy()
+        cluster.wait_ready()
         cluster.wait_registered()
         return cluster
 

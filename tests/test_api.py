@@ -3,6 +3,7 @@ with a 4xx JSON error that names the problem, leaving what was accepted untouche
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -29,7 +30,7 @@ def api_cluster(tmp_path_factory):
     cluster = LocalCluster(peers, tmp / "data")
     cluster.start()
     try:
-        cluster.wait_healthy()
+        cluster.wait_ready()
         cluster.wait_registered()
         yield cluster
     finally:
@@ -88,6 +89,7 @@ async def test_predict_three_ways_agree(node, http):
     ({"features": "5.1,3.5,1.4"}, "has 3 values, but the model expects 4"),
     ({"features": "5.1,3.5,1.4,0.2,9"}, "has 5 values"),
     ({"features": ""}, "has 0 values"),
+    ({"features": "5.1"}, "'features' has 1 value, but"),
     ({"features": "5.1,3.5,x,0.2"}, "feature 3 (petal_length) must be a number"),
     ({"features": "5.1,3.5,1.4,0.2", "sepal_length": "5"}, "not both"),
 ])
@@ -180,6 +182,39 @@ async def test_unknown_routes_and_methods_are_json(node, http):
     for path in ("/sync", "/fetch"):
         status, body = await post(http, node + path, b"\xc1", "application/msgpack")
         assert status == 400 and "error" in body
+
+
+async def test_head_predict_does_no_work(api_cluster, node, http):
+    before = api_cluster.wait_converged()
+    for _ in range(5):
+        async with http.head(node + "/predict", params=GOOD) as r:
+            assert r.status == 405 and "GET" in r.headers["Allow"]
+    await asyncio.sleep(0.5)  # what a HEAD could have set off would be gossiped by now
+    after = api_cluster.wait_converged()
+    assert {n: (lg["rounds"], lg["messages"]) for n, lg in after.items()} == \
+        {n: (lg["rounds"], lg["messages"]) for n, lg in before.items()}
+
+
+async def test_oversized_request_line_and_header_get_json_errors(node, http):
+    async with http.get(node + "/predict?x=" + "a" * 20_000) as r:
+        assert r.status == 400 and r.content_type == "application/json"
+        assert "longer than 8190 bytes" in (await r.json())["error"]
+    async with http.get(node + "/health", headers={"X-Big": "a" * 20_000}) as r:
+        assert r.status == 400 and r.content_type == "application/json"
+        assert "longer than 8190 bytes" in (await r.json())["error"]
+    status, _ = await get(http, node + "/health")  # and the node serves on
+    assert status == 200
+
+
+async def test_round_view_shows_its_query_and_completeness(node, http):
+    status, answer = await get(http, node + "/predict", GOOD)
+    assert status == 200 and answer["complete"] is True
+    status, view = await get(http, node + "/round/" + answer["round"])
+    assert status == 200
+    assert view["query"] == answer["query"] and view["complete"] is True and view["missing"] == []
+    assert view["settled"] is True and view["prediction"] == answer["prediction"]
+    status, query = await get(http, node + "/message/" + view["query"])
+    assert status == 200 and query["type"] == "query"
 
 
 async def test_vote_signatures_verify_for_a_client(node, http):
@@ -300,7 +335,7 @@ def test_second_process_on_same_data_dir_refuses(tmp_path):
     cluster = LocalCluster(peers, tmp_path / "data")
     cluster.start()
     try:
-        cluster.wait_healthy()
+        cluster.wait_ready()
         port = cluster.net.peers[0].port
         r = run_cli("--port", str(port), "--peers", str(peers), "--data-dir",
                     str(tmp_path / "data" / cluster.names[0]))

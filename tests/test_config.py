@@ -174,7 +174,7 @@ def test_duplicate_names():
 
 def test_duplicate_host_and_port():
     message = config_error(peers_toml(ADA, 'name = "bo"\nport = 8001\nmodel = "svm"'))
-    assert "two peers share" in message and "8001" in message
+    assert "'ada' (127.0.0.1:8001) and 'bo' (127.0.0.1:8001) are the same address and port" in message
     # Same port on different hosts is fine.
     net = parse(peers_toml(ADA, 'name = "bo"\nhost = "10.0.0.2"\nport = 8001\nmodel = "svm"'))
     assert [p.host for p in net.peers] == ["127.0.0.1", "10.0.0.2"]
@@ -200,6 +200,40 @@ def test_load_undecodable_file(tmp_path):
     path.write_bytes(b"# \xff\xfe\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load(path)
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "127.0.0.1"])
+def test_localhost_is_127_0_0_1(host):
+    message = config_error(peers_toml(ADA, f'name = "bo"\nhost = "{host}"\nport = 8001\nmodel = "svm"'))
+    assert "'bo' (" in message and "are the same address and port" in message
+
+
+@pytest.mark.parametrize("host", ["bad host", "0.0.0.0", "::", "a..b", "-x.example", "224.0.0.1",
+                                  "x" * 64 + ".example"])
+def test_invalid_hosts(host):
+    message = config_error(peers_toml(ADA + f'\nhost = "{host}"'))
+    assert repr(host) in message and "'ada'" in message
+
+
+def test_valid_hosts():
+    for host in ("10.0.0.7", "::1", "node-1.example.org", "Peer7"):
+        assert parse(peers_toml(ADA + f'\nhost = "{host}"')).peers[0].host == host
+
+
+def test_own_entry_by_host_where_a_port_is_shared():
+    net = parse(peers_toml('name = "alpha"\nhost = "127.0.0.2"\nport = 8004\nmodel = "knn"',
+                           'name = "beta"\nhost = "127.0.0.3"\nport = 8004\nmodel = "svm"'))
+    assert net.peer_by_port(8004, "127.0.0.3").name == "beta"
+    assert net.peer_by_port(8004, "127.0.0.2").name == "alpha"
+    assert net.peer_by_port(8004, None, "beta").name == "beta"
+    for host in (None, "0.0.0.0", "127.0.0.9"):
+        with pytest.raises(ConfigError) as info:
+            net.peer_by_port(8004, host)
+        assert "several peers have port 8004 (alpha@127.0.0.2, beta@127.0.0.3)" in str(info.value)
+    with pytest.raises(ConfigError, match="'beta' has port 8004, not 8005"):
+        net.peer_by_port(8005, None, "beta")
+    with pytest.raises(ConfigError, match="no peer in the network is named 'gamma'"):
+        net.peer_by_port(8004, None, "gamma")
 
 
 def test_peer_by_port():

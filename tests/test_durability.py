@@ -32,7 +32,7 @@ async def test_whole_cluster_restart_keeps_exact_roots(make_cluster):
 
     cluster.stop()  # clean shutdown of every peer
     cluster.start()
-    cluster.wait_healthy()
+    cluster.wait_ready()
     after = cluster.ledgers()
     assert {lg["root"] for lg in after.values()} == {root}  # straight from each log, no gossip
     assert {n: lg["messages"] for n, lg in after.items()} == {n: lg["messages"] for n, lg in before.items()}
@@ -46,7 +46,7 @@ async def test_kill_9_of_every_peer_loses_no_acknowledged_round(make_cluster):
     for name in cluster.names:
         cluster.kill(name)  # no chance to flush anything
     cluster.start()
-    cluster.wait_healthy()
+    cluster.wait_ready()
     converged_root(cluster)
     for name in cluster.names:
         # votes lost with the crash came back from peers as the node's own, not as a stranger's
@@ -101,7 +101,7 @@ async def test_torn_log_tail_is_dropped_and_recovered_from_peers(make_cluster):
     assert own_vote_at is not None
     log.write_bytes(data[: own_vote_at + 20])  # a crash in the middle of writing it
     cluster.start("cy")
-    cluster.wait_healthy(names=["cy"])
+    cluster.wait_ready(names=["cy"])
     assert converged_root(cluster) == root  # everything lost came back from the others
     text = (cluster.data_root / "cy.log").read_text()
     assert "damaged bytes at offset" in text and "taken as this node's own" in text
@@ -123,7 +123,7 @@ async def test_kill_9_at_random_moments_under_load_never_leaves_a_torn_file(make
         if ledger_file.exists():
             json.loads(ledger_file.read_text())  # the complete old or new view, never torn
         cluster.start("cy")
-        await asyncio.to_thread(cluster.wait_healthy, 60, ["cy"])
+        await asyncio.to_thread(cluster.wait_ready, 60, ["cy"])
     answers = await load
     assert all(status == 200 for status, _, _ in answers)
     converged_root(cluster)
@@ -178,7 +178,7 @@ async def test_after_a_crash_a_vote_by_our_key_is_ours_unless_it_contradicts_our
     cluster.kill("cy")
     assert (cluster.data_root / "cy" / RUNNING_FILE).exists()
     cluster.start("cy")
-    await asyncio.to_thread(cluster.wait_healthy, 60, ["cy"])
+    await asyncio.to_thread(cluster.wait_ready, 60, ["cy"])
 
     async def gossip(name, signed) -> dict:
         async with aiohttp.ClientSession() as s, s.post(
@@ -198,7 +198,8 @@ async def test_after_a_crash_a_vote_by_our_key_is_ours_unless_it_contradicts_our
     assert (await gossip("cy", lost))["accepted"] == 1
     assert get_json(cluster.url("cy") + "/health")["status"] == "ok"
     answers = await ask(cluster, ROWS)
-    assert all(status == 200 and len(body["votes"]) == 3 for status, body, _ in answers)
+    assert all(status == 200 and len(body["votes"]) == 3 for status, body, _ in answers), \
+        [(s, b.get("error"), b.get("missing"), b.get("late"), b.get("unrevealed")) for s, b, _ in answers]
 
     # Another commitment on a round cy committed on: another signer has cy's key.
     clash = keys["cy"].sign(genesis, Votes(10_001, (Commit(rid, bytes(32)),), ()))
@@ -279,7 +280,7 @@ async def test_a_commit_the_crash_lost_comes_back_from_peers_and_is_revealed(mak
         await give_back(["ada", "bo"])
     (cy_dir / RUNNING_FILE).write_bytes(b"crashed\n")
     cluster.start("cy")
-    await asyncio.to_thread(cluster.wait_healthy, 60, ["cy"])
+    await asyncio.to_thread(cluster.wait_ready, 60, ["cy"])
     if back == "later":
         await give_back(["cy"])
     cluster.wait_converged(timeout=15)
@@ -515,6 +516,7 @@ async def test_a_log_that_cannot_be_written_stops_intake_and_loses_nothing(tmp_p
     monkeypatch.setattr(os, "fsync", fsync)
     server = TestServer(make_app(node), host="127.0.0.1", port=free_ports(1)[0])
     await server.start_server()
+    await node.start()  # as api.serve does: listening first
     url = f"http://127.0.0.1:{server.port}"
     answers = []
     try:
@@ -546,7 +548,8 @@ async def test_a_log_that_cannot_be_written_stops_intake_and_loses_nothing(tmp_p
                 async with http.post(url + "/gossip", data=batch) as r:
                     assert r.status == 200, await r.text()
     finally:
-        await server.close()  # closes the node too
+        await server.close()
+        await node.close()
     logged = store.DataDir(tmp_path / "cy")
     held = {msgpack.unpackb(raw)[1] for raw in logged.read_log()}
     logged.close()

@@ -30,7 +30,7 @@ def url(tmp_path_factory):
                            tmp / "data", log_level="WARNING")
     cluster.start()
     try:
-        cluster.wait_healthy()
+        cluster.wait_ready()
         cluster.wait_registered()
         yield cluster.url(cluster.names[0])
     finally:

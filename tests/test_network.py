@@ -74,7 +74,7 @@ async def test_two_misbehaving_peers_lose_stake_and_the_network_stays_right(make
 
     # Restarted, it rebuilds from its log, catches up, and agrees with everyone.
     cluster.start("cy")
-    cluster.wait_healthy(names=["cy"])
+    cluster.wait_ready(names=["cy"])
     ledgers = cluster.wait_converged(timeout=20)
     assert len(ledgers) == 5 and len({lg["root"] for lg in ledgers.values()}) == 1
     assert all(lg["rounds"] >= 100 for lg in ledgers.values())
@@ -98,7 +98,7 @@ async def test_old_rounds_leave_memory_and_a_message_reaching_back_is_still_coun
     answers = await ask(cluster, iris.data[::2][:60], concurrency=2, targets=["ada", "bo"])
     assert all(status == 200 for status, _, _ in answers)
     cluster.start("cy")
-    cluster.wait_healthy(names=["cy"])
+    cluster.wait_ready(names=["cy"])
     await asyncio.sleep(1.5)  # each node prunes once a second
     ledgers = cluster.wait_converged(timeout=20)
     assert len({lg["root"] for lg in ledgers.values()}) == 1, {
