@@ -501,7 +501,10 @@ async def serve(node: Node, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stopped_by: list[str] = []
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
+    stops = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # its terminal closed; not under nohup
+        stops.append(signal.SIGHUP)
+    for sig in stops:
         loop.add_signal_handler(sig, lambda sig=sig: (stopped_by.append(sig.name), stop.set()))
     try:
         server = await loop.create_server(guard.wrap(runner.server), host, port, reuse_address=True)

@@ -130,7 +130,7 @@ class LocalCluster:
             if peer.name in self.procs and self.procs[peer.name].poll() is None:
                 continue
             data = self.data_root / peer.name
-            cmd = [sys.executable, "-m", "p2pml.node", "--port", str(peer.port),
+            cmd = [sys.executable, "-m", "p2pml.node", "--port", str(peer.port), "--name", peer.name,
                    "--peers", str(self.peers_file), "--data-dir", str(data),
                    "--behavior", self.behaviors.get(peer.name, "honest"),
                    "--log-level", self.log_level]
@@ -211,8 +211,11 @@ class LocalCluster:
                 pass
         return out
 
-    def wait_converged(self, timeout: float = 15.0, names: list[str] | None = None) -> dict[str, dict]:
-        """Poll until every named peer reports the same root and message count."""
+    def wait_converged(self, timeout: float = 15.0, names: list[str] | None = None,
+                       strict: bool = True) -> dict[str, dict]:
+        """Poll until every named peer reports the same root and message count. On timeout,
+        raise TimeoutError naming what each peer reports; unless not ``strict``: then return the
+        ledgers as they are (for a report that says whether they agree)."""
         names = names or self.names
         deadline = time.monotonic() + timeout
         while True:
@@ -221,7 +224,11 @@ class LocalCluster:
                     len({(lg["root"], lg["messages"]) for lg in ledgers.values()}) == 1:
                 return ledgers
             if time.monotonic() > deadline:
-                return ledgers
+                if not strict:
+                    return ledgers
+                seen = {n: (lg["root"][:12], lg["messages"]) for n, lg in ledgers.items()}
+                raise TimeoutError(f"ledgers did not converge within {timeout:g}s: {seen}; "
+                                   f"not answering: {sorted(set(names) - set(ledgers))}")
             time.sleep(0.1)
 
     def __enter__(self) -> Self:

@@ -62,7 +62,10 @@ def check_data_dir(data: DataDir, genesis: Genesis, verifier: Verifier) -> None:
         try:
             recorded = json.loads(path.read_bytes())
             recorded_id = recorded["id"]
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(recorded_id, str) or not isinstance(recorded.get("slots", []), list) or \
+                    not all(isinstance(s, dict) for s in recorded.get("slots", [])):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise StoreError(f"{path} is damaged; it names the network this data dir belongs "
                              f"to: restore it, or move the data dir away") from None
         if recorded_id != current["id"]:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 LEDGER_WRITE_INTERVAL_S = 1.0  # ledger.json is a view: rewritten at most this often
 INLINE_ROWS = 64  # model calls on at most this many rows run on the loop (at most about 0.1 ms)
 MAX_QUEUED_QUERIES = 16 * MAX_ITEMS  # /predict calls waiting for a batch; more get 503
-STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before serving
+STARTUP_SYNC_S = 3.0  # at most this long to hear from the peers before voting and getting ready
 OPEN_ROUND_TIMEOUT_S = 5.0  # a query not signed by then is answered 503 (the node is stuck)
 BACKLOG_RETRY_S = 0.5  # how often the vote task looks again while the log cannot be written
 COALESCE_TURNS = 3  # event-loop turns a woken query or vote task lets pass before taking its batch
@@ -318,6 +318,7 @@ class Node:
         else:
             log.warning("not caught up with every peer since the crash: the next start will "
                         "take votes by this key from peers as its own, as this one did")
+        self._log_events()  # what changed since the last look, before the last ledger.json
         self._write_ledger()
         self.data.close()
 
@@ -601,7 +602,7 @@ class Node:
         commitment): the query carries them, committed before any peer has seen the rows (one
         message, one signature, one hop fewer per query than a separate commit). Empty for a
         copycat (it has no vote of its own to give) and once our key is in use elsewhere."""
-        if self.model.behavior == "copycat" or self.key_conflict:
+        if self.model.behavior == "copycat" or self.key_conflict or self.seat_conflict:
             return []
         me = self.identity.key
         binds = [query_binding(me, lamport, i) for i in range(len(rows))]
@@ -632,8 +633,8 @@ class Node:
         in one signed message, sent before it is durable: a restart that lost it commits the
         same again (see ``_after_crash`` for a changed model) and re-makes the reveal (its ``seen``
         may then differ, harmlessly)."""
-        if self.key_conflict:
-            return  # never risk a conflicting vote under a key someone else is using
+        if self.key_conflict or self.seat_conflict:
+            return  # never risk a conflicting vote under a key someone else is using; no seat, no vote
         me = self.identity.key
         behavior = self.model.behavior
         # a round folded for good (``Ledger.prune``) is thousands of rounds old: a vote on it

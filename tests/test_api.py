@@ -17,7 +17,7 @@ import pytest
 
 from p2pml.cluster import LocalCluster, free_ports, write_network
 from p2pml.ledger import Query
-from p2pml.wire import MAX_BATCH_BYTES, Identity, pack_batch
+from p2pml.wire import MAX_BATCH_BYTES, Identity, Verifier, pack_batch
 
 GOOD = {"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4", "petal_width": "0.2"}
 
@@ -163,7 +163,13 @@ async def test_gossip_rejects_and_loses_nothing(node, http):
         assert time.perf_counter() - t0 < 1.0
         assert got == status, (data[:20], answer)
         assert needle in answer["error"]
-    # A forged query from an unknown key is well-formed and validly signed: held but inert.
+    # A query from a key without a seat is well-formed and validly signed, but not held (and
+    # its sender not scored: it may be a member whose registration has not arrived yet).
+    got, answer = await post(http, node + "/gossip", pack_batch([forged]), "application/msgpack")
+    assert got == 400 and "holds no seat" in answer["error"] and answer["rejected"] == 1, answer
+    forged_id = Verifier(bytes.fromhex(before["genesis"])).open(forged).msg.id.hex()
+    status, _ = await get(http, node + "/message/" + forged_id)
+    assert status == 404
     _, after = await get(http, node + "/ledger")
     assert after["peers"] == before["peers"]
     status, answer = await get(http, node + "/health")

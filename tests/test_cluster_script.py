@@ -64,9 +64,10 @@ class OtherNetwork(BaseHTTPRequestHandler):
 
 
 def test_a_port_taken_by_another_network_fails_the_run(tmp_path):
-    ports = free_ports(3)
+    ports = free_ports(2)
     peers = write_network(tmp_path / "peers.toml", ports)
-    server = ThreadingHTTPServer(("127.0.0.1", ports[1]), OtherNetwork)
+    # on the first peer's port: polled at once, while that peer's process is still starting
+    server = ThreadingHTTPServer(("127.0.0.1", ports[0]), OtherNetwork)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         done = run_script(tmp_path, "--peers", str(peers), "--queries", "5")
@@ -74,7 +75,7 @@ def test_a_port_taken_by_another_network_fails_the_run(tmp_path):
         server.shutdown()
         server.server_close()
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "answers as another node" in done.stderr or "exited with code" in done.stderr, done.stderr
+    assert "answers as another node" in done.stderr, done.stderr
     assert "answered" not in done.stdout and "ledger roots" not in done.stdout
     assert "Traceback" not in done.stderr
     assert leftovers(tmp_path) == []
@@ -82,10 +83,10 @@ def test_a_port_taken_by_another_network_fails_the_run(tmp_path):
 
 
 def test_a_port_in_use_by_a_plain_listener_fails_the_run(tmp_path):
-    ports = free_ports(3)
+    ports = free_ports(2)
     peers = write_network(tmp_path / "peers.toml", ports)
     with socket.socket() as taken:  # listens, never answers: the node cannot bind
-        taken.bind(("127.0.0.1", ports[2]))
+        taken.bind(("127.0.0.1", ports[1]))
         taken.listen()
         done = run_script(tmp_path, "--peers", str(peers), "--queries", "5")
     assert done.returncode == 2, done.stdout + done.stderr
@@ -95,7 +96,7 @@ def test_a_port_in_use_by_a_plain_listener_fails_the_run(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_every_stop_signal_stops_every_peer(tmp_path, sig):
-    peers = write_network(tmp_path / "peers.toml", free_ports(3))
+    peers = write_network(tmp_path / "peers.toml", free_ports(2))
     (tmp_path / "tmp").mkdir()
     script = subprocess.Popen([sys.executable, str(SCRIPT), "--peers", str(peers), "--queries", "2",
                                "--keep-running"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -108,7 +109,7 @@ def test_every_stop_signal_stops_every_peer(tmp_path, sig):
             if line.startswith("cluster is running") or time.monotonic() > deadline:
                 break
         assert any(line.startswith("cluster is running") for line in seen), "".join(seen)
-        assert len(peers_using(peers)) == 3
+        assert len(peers_using(peers)) == 2
         os.kill(script.pid, sig)
         script.wait(timeout=30)
     finally:

@@ -468,7 +468,8 @@ async def test_a_vote_that_needs_scikit_learn_does_not_stall_the_event_loop(tmp_
         assert len(published[-1].body.commits) == len(ties)
         labels = [label for label, _, _, _ in (node._own[c.round] for c in published[-1].body.commits)]
         assert labels == [int(p.argmax()) for p in Model("knn").estimator.predict_proba(np.array(ties))]
-        assert took >= 0.5 and max(gaps, default=took) < 0.25, (gaps, took)
+        # the fit took 0.5 s, and the loop kept turning meanwhile (a tick every 10 ms, not one)
+        assert took >= 0.5 and len(gaps) >= 20 and max(gaps, default=took) < 0.25, (gaps, took)
     finally:
         await node.close()
 

@@ -142,3 +142,15 @@ def test_a_data_dir_of_another_network_is_refused_and_kept(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((data / "ada" / GENESIS_FILE).read_text())["id"] == ours
     assert (data / "ada" / LOG_FILE).read_bytes() == log_before
+
+
+def test_a_damaged_genesis_record_is_a_clear_error(tmp_path):
+    peers = write_network(tmp_path / "peers.toml", free_ports(1))
+    port = load(peers).peers[0].port
+    data = tmp_path / "d"
+    r = run_node("--port", str(port), "--peers", str(peers), "--data-dir", str(data), "--show-key")
+    assert r.returncode == 0, r.stderr
+    for damage in ('{"id": 5}', '{"id": "ab", "slots": [1]}', "not json"):
+        (data / GENESIS_FILE).write_text(damage)
+        r = run_node("--port", str(port), "--peers", str(peers), "--data-dir", str(data), "--show-key")
+        assert r.returncode == 2 and "genesis.json is damaged" in r.stderr and "Traceback" not in r.stderr, r.stderr
