@@ -22,10 +22,9 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from p2pml.gossip import MSGPACK, PEER_HEADER, PROOF_HEADER
-from p2pml.model import FEATURES
+from p2pml.ledger import Task
 from p2pml.service import Node, Unavailable
 from p2pml.wire import (
-    FEATURE_RANGE,
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
     MSGPACK_ERRORS,
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 
 NODE = web.AppKey("node", Node)
 GUARD = web.AppKey("guard", "ConnectionGuard")
-MAX_PREDICT_BYTES = 4096  # a /predict body holds four numbers; anything near this is abuse
+MAX_PREDICT_BYTES = 16384  # a /predict body holds a row (64 numbers for digits); more is abuse
 MAX_CONNECTIONS = 2048  # open connections in all: each costs a few tens of KiB
 MAX_CONNECTIONS_PER_ADDRESS = 256  # so that one address cannot take them all
 MAX_PREDICTS_PER_ADDRESS = 128  # /predict calls in progress from one address (429 beyond)
@@ -51,10 +50,13 @@ class BadInput(ValueError):
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE | re.ASCII)
 
 
-def _number(name: str, value, text: bool) -> float:
+def _number(name: str, value, text: bool, task: Task, categories: tuple[str, ...] = ()) -> float:
+    if categories and isinstance(value, str) and value.strip() in categories:
+        return float(categories.index(value.strip()))  # a category by name: its code
     if text and isinstance(value, str):
         if not NUMBER.fullmatch(value.strip()):
-            raise BadInput(f"{name} must be a number, got {value[:40]!r}")
+            named = f" or one of {', '.join(categories)}" if categories else ""
+            raise BadInput(f"{name} must be a number{named}, got {value[:40]!r}")
         value = float(value.strip())
     elif type(value) not in (int, float):
         raise BadInput(f"{name} must be a number, got {type(value).__name__}")
@@ -64,45 +66,54 @@ def _number(name: str, value, text: bool) -> float:
         raise BadInput(f"{name} must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise BadInput(f"{name} must be finite, got {value}")
-    lo, hi = FEATURE_RANGE
+    lo, hi = task.feature_range
     if not lo <= value <= hi:
-        raise BadInput(f"{name} must be between {lo:g} and {hi:g} (centimetres), got {value:g}")
+        unit = " (centimetres)" if task.name == "iris" else ""
+        raise BadInput(f"{name} must be between {lo:g} and {hi:g}{unit}, got {value:g}")
     return value
 
 
-def parse_features(fields: dict, source: str, text: bool) -> tuple[float, ...]:
-    """Either ``features`` or the four named fields. ``text``: values are query-string text
-    (a JSON body must carry numbers, not strings)."""
-    unknown = sorted(set(fields) - set(FEATURES) - {"features"})
+def parse_features(fields: dict, source: str, text: bool, task: Task) -> tuple[float, ...]:
+    """Either ``features`` (in the task's column order) or every feature by name. ``text``:
+    values are query-string text (a JSON body must carry numbers, not strings)."""
+    names = task.features
+    categories = task.categories or ((),) * len(names)
+    expected = f"expected 'features' or {', '.join(names)}"
+    unknown = sorted(set(fields) - set(names) - {"features"})
     if unknown:
-        raise BadInput(f"unknown {source} {unknown[0]!r}; expected 'features' or "
-                       f"{', '.join(FEATURES)}")
+        raise BadInput(f"unknown {source} {unknown[0]!r}; {expected}")
     if "features" in fields:
-        if set(fields) & set(FEATURES):
-            raise BadInput("give either 'features' or the four named features, not both")
+        if set(fields) & set(names):
+            raise BadInput(f"give either 'features' or the {len(names)} named features, not both")
         raw = fields["features"]
         if text and isinstance(raw, str):
             raw = raw.split(",") if raw.strip() else []
         if not isinstance(raw, list):
-            raise BadInput("'features' must be a list of 4 numbers")
-        if len(raw) != len(FEATURES):
+            raise BadInput(f"'features' must be a list of {len(names)} numbers: {', '.join(names)}")
+        if len(raw) != len(names):
             got = f"{len(raw)} value" + ("" if len(raw) == 1 else "s")
             raise BadInput(f"'features' has {got}, but the model expects "
-                           f"{len(FEATURES)}: {', '.join(FEATURES)}")
-        return tuple(_number(f"feature {i + 1} ({n})", x, text) for i, (x, n) in enumerate(zip(raw, FEATURES)))
-    missing = [n for n in FEATURES if n not in fields]
+                           f"{len(names)}: {', '.join(names)}")
+        return tuple(_number(f"feature {i + 1} ({n})", x, text, task, c)
+                     for i, (x, n, c) in enumerate(zip(raw, names, categories)))
+    missing = [n for n in names if n not in fields]
     if missing:
-        raise BadInput(f"missing {source}(s): {', '.join(missing)}")
-    return tuple(_number(n, fields[n], text) for n in FEATURES)
+        raise BadInput(f"missing {source}(s): {', '.join(missing)}; {expected}")
+    return tuple(_number(n, fields[n], text, task, c) for n, c in zip(names, categories))
 
 
-async def predict_get(request: web.Request) -> web.Response:
+def _fields(request: web.Request) -> dict:
     fields = {}
     for k, v in request.query.items():
         if k in fields:
             raise BadInput(f"parameter {k!r} is given more than once")
         fields[k] = v
-    return await _predict(request, parse_features(fields, "parameter", text=True))
+    return fields
+
+
+async def predict_get(request: web.Request) -> web.Response:
+    task = request.app[NODE].task
+    return await _predict(request, parse_features(_fields(request), "parameter", True, task))
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
@@ -113,9 +124,13 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 
 async def predict_post(request: web.Request) -> web.Response:
+    return await _predict(request, await _posted_row(request))
+
+
+async def _posted_row(request: web.Request) -> tuple[float, ...]:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(
-            text=f"POST /predict takes application/json, not {request.content_type!r}")
+            text=f"POST {request.path} takes application/json, not {request.content_type!r}")
     if (request.content_length or 0) > MAX_PREDICT_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_PREDICT_BYTES, request.content_length)
     body = await _read(request)
@@ -129,7 +144,25 @@ async def predict_post(request: web.Request) -> web.Response:
         raise BadInput("body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadInput('body must be a JSON object like {"features": [5.1, 3.5, 1.4, 0.2]}')
-    return await _predict(request, parse_features(doc, "field", text=False))
+    return parse_features(doc, "field", False, request.app[NODE].task)
+
+
+async def model_predict_get(request: web.Request) -> web.Response:
+    """This node's own model alone (the workshop's question 1): no round, no ledger change."""
+    node = request.app[NODE]
+    return _own_answer(node, parse_features(_fields(request), "parameter", True, node.task))
+
+
+async def model_predict_post(request: web.Request) -> web.Response:
+    return _own_answer(request.app[NODE], await _posted_row(request))
+
+
+def _own_answer(node: Node, row: tuple[float, ...]) -> web.Response:
+    try:
+        answer = node.own_answer(row)
+    except Unavailable as exc:
+        raise web.HTTPServiceUnavailable(text=str(exc), headers={"Retry-After": "1"}) from None
+    return web.json_response(answer)
 
 
 async def _read(request: web.Request) -> bytes:
@@ -347,6 +380,8 @@ def make_app(node: Node) -> web.Application:
 
     app.router.add_get("/predict", predict_get, allow_head=False)  # a HEAD must cause no work: 405
     app.router.add_post("/predict", predict_post)
+    app.router.add_get("/model/predict", model_predict_get, allow_head=False)
+    app.router.add_post("/model/predict", model_predict_post)
     app.router.add_get("/ledger", ledger)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

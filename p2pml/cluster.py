@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from p2pml.config import MODEL_KINDS, NetworkConfig, load
+from p2pml.config import MODEL_KINDS, REGRESSION_KINDS, NetworkConfig, load
 from p2pml.ledger import peer_id
 from p2pml.network import pin_keys
 from p2pml.store import KEY_FILE
@@ -65,13 +65,21 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def write_network(path: Path, ports: list[int], hosts: list[str] | None = None, **network) -> Path:
-    """A peers file for ``len(ports)`` peers on loopback, model kinds in turn."""
+def write_network(path: Path, ports: list[int], hosts: list[str] | None = None,
+                  task: dict | None = None, models: list[str] | None = None, **network) -> Path:
+    """A peers file for ``len(ports)`` peers on loopback, model kinds in turn (or ``models``),
+    with a ``[task]`` table if ``task`` is given."""
     hosts = hosts or ["127.0.0.1"] * len(ports)
+    if models is None:
+        kinds = REGRESSION_KINDS if task and (task.get("kind") == "regression"
+                                              or task.get("dataset") == "diabetes") else MODEL_KINDS
+        models = [kinds[i % len(kinds)] for i in range(len(ports))]
     lines = ["[network]"] + [f"{k} = {v}" for k, v in network.items()]
+    if task:
+        lines += ["", "[task]"] + [f"{k} = {json.dumps(v)}" for k, v in task.items()]
     for i, port in enumerate(ports):
         lines += ["", "[[peer]]", f'name = "{PEER_NAMES[i]}"', f'host = "{hosts[i]}"',
-                  f"port = {port}", f'model = "{MODEL_KINDS[i % len(MODEL_KINDS)]}"']
+                  f"port = {port}", f"model = {json.dumps(models[i])}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -8,9 +8,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pml.ledger import Genesis, Slot
+from p2pml.ledger import IRIS, REGRESSION, Genesis, Slot, Task
+from p2pml.task import TaskData, TaskError, TaskSource
 
 MODEL_KINDS = ("logistic_regression", "random_forest", "gradient_boosting", "knn", "svm")
+REGRESSION_KINDS = ("linear_regression", "random_forest", "gradient_boosting", "knn", "svm")
+MODEL_FILE = "file:"  # model = "file:PATH": a skops or ONNX file of the operator's own
+TASK_FIELDS = ("dataset", "csv", "target", "sha256", "kind", "band_bps", "tolerance")
 
 # [network] settings: name -> (default, lowest, highest)
 NETWORK_SETTINGS = {
@@ -34,7 +38,7 @@ class PeerConfig:
     name: str
     host: str
     port: int
-    model: str
+    model: str  # a built-in kind, or MODEL_FILE + a path (this node's own choice: not in the genesis)
     key: bytes | None = None  # pins the slot to one Ed25519 public key
 
     @property
@@ -54,9 +58,18 @@ class NetworkConfig:
     ignore_ms: int = 30_000
     idle_timeout_ms: int = 10_000
     rounds_in_memory: int = 8_192
+    task_source: TaskSource | None = None  # None: Iris
+
+    @property
+    def task(self) -> Task:
+        return IRIS if self.task_source is None else self.task_data().spec
+
+    def task_data(self) -> TaskData:
+        """The task's rows (loaded once per process)."""
+        return _task_data(self.task_source)
 
     def genesis(self) -> Genesis:
-        return Genesis(tuple(Slot(p.name, p.model, p.key) for p in self.peers))
+        return Genesis(tuple(Slot(p.name, p.key) for p in self.peers), self.task)
 
     def peer_by_port(self, port: int, host: str | None = None, name: str | None = None) -> PeerConfig:
         """This node's own entry: by ``name`` if given, else by port, and by host where peers on
@@ -120,7 +133,49 @@ def _check_host(host, name: str, where: str) -> str:
     return host
 
 
-def _peer(i: int, raw, where: str) -> PeerConfig:
+def _task_data(source: TaskSource | None) -> TaskData:
+    from p2pml import task
+
+    return task.cached(source)
+
+
+def _task(raw, where: str, folder: Path) -> TaskSource:
+    """The [task] table, checked in form (its data is read and checked by p2pml.task)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [task] must be a table")
+    unknown = set(raw) - set(TASK_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown [task] field(s) {sorted(unknown)}; known: {', '.join(TASK_FIELDS)}")
+    if ("dataset" in raw) == ("csv" in raw):
+        raise ConfigError(f"{where}: [task] needs either dataset = \"NAME\" or csv = \"PATH\" (with "
+                          f"target and sha256), not both or neither")
+    for key in ("dataset", "csv", "target", "sha256", "kind"):
+        if key in raw and (not isinstance(raw[key], str) or not raw[key]):
+            raise ConfigError(f"{where}: [task] {key} must be a non-empty string")
+    kind = raw.get("kind")
+    if kind is not None and kind not in ("classification", REGRESSION):
+        raise ConfigError(f"{where}: [task] kind must be \"classification\" or \"regression\", not {kind!r}")
+    if "csv" in raw:
+        missing = [k for k in ("target", "sha256", "kind") if k not in raw]
+        if missing:
+            raise ConfigError(f"{where}: a csv task needs {', '.join(missing)} too (the target column, "
+                              f"the file's SHA-256, classification or regression)")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", raw["sha256"]):
+            raise ConfigError(f"{where}: [task] sha256 must be 64 hex digits (sha256sum FILE)")
+    elif "target" in raw or "sha256" in raw:
+        raise ConfigError(f"{where}: [task] target and sha256 are for csv tasks")
+    band = raw.get("band_bps")
+    if band is not None and (type(band) is not int or not 0 <= band <= 10_000):
+        raise ConfigError(f"{where}: [task] band_bps must be an integer in [0, 10000], got {band!r}")
+    tolerance = raw.get("tolerance")
+    if tolerance is not None and (type(tolerance) not in (int, float) or not 0 <= tolerance <= 1e9):
+        raise ConfigError(f"{where}: [task] tolerance must be a number in [0, 1e9], got {tolerance!r}")
+    csv_path = str((folder / raw["csv"]).resolve()) if "csv" in raw else None
+    return TaskSource(raw.get("dataset"), csv_path, raw.get("target"), raw.get("sha256"), kind, band,
+                      None if tolerance is None else float(tolerance))
+
+
+def _peer(i: int, raw, where: str, kinds: tuple[str, ...] = MODEL_KINDS) -> PeerConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: [[peer]] #{i + 1} must be a table")
     unknown = set(raw) - {"name", "host", "port", "model", "key"}
@@ -134,8 +189,12 @@ def _peer(i: int, raw, where: str) -> PeerConfig:
     if type(port) is not int or not 1 <= port <= 65535:
         raise ConfigError(f"{where}: peer {name!r} needs an integer 'port' in 1-65535, got {port!r}")
     model = raw.get("model")
-    if model not in MODEL_KINDS:
-        raise ConfigError(f"{where}: peer {name!r} has model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
+    if isinstance(model, str) and model.startswith(MODEL_FILE):
+        if not model[len(MODEL_FILE):]:
+            raise ConfigError(f"{where}: peer {name!r} has model \"file:\" without a path")
+    elif model not in kinds:
+        raise ConfigError(f"{where}: peer {name!r} has model {model!r}; choose one of {', '.join(kinds)}, "
+                          f"or \"file:PATH\" (a skops or ONNX file)")
     key = raw.get("key")
     if key is not None:
         try:
@@ -147,14 +206,23 @@ def _peer(i: int, raw, where: str) -> PeerConfig:
     return PeerConfig(name, host, port, model, key)
 
 
-def parse(text: str, where: str = "peers.toml") -> NetworkConfig:
+def parse(text: str, where: str = "peers.toml", folder: Path | None = None) -> NetworkConfig:
+    """``folder``: where relative paths in the file (a csv task, model files) start from."""
+    folder = Path.cwd() if folder is None else folder
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    unknown = set(doc) - {"network", "peer"}
+    unknown = set(doc) - {"network", "peer", "task"}
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [network] and [[peer]]")
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [network], [task] and [[peer]]")
+    source = _task(doc["task"], where, folder) if "task" in doc else None
+    if source is not None:
+        try:
+            _task_data(source)
+        except TaskError as exc:
+            raise ConfigError(str(exc)) from None
+    regression = source is not None and _task_data(source).spec.regression
     net = doc.get("network", {})
     if not isinstance(net, dict):
         raise ConfigError(f"{where}: [network] must be a table")
@@ -170,7 +238,12 @@ def parse(text: str, where: str = "peers.toml") -> NetworkConfig:
     raw_peers = doc.get("peer")
     if not isinstance(raw_peers, list) or not raw_peers:
         raise ConfigError(f"{where}: no [[peer]] entries; the network needs at least one peer")
-    peers = tuple(_peer(i, raw, where) for i, raw in enumerate(raw_peers))
+    kinds = REGRESSION_KINDS if regression else MODEL_KINDS
+    peers = tuple(_peer(i, raw, where, kinds) for i, raw in enumerate(raw_peers))
+    if any(p.model.startswith(MODEL_FILE) for p in peers):
+        peers = tuple(p if not p.model.startswith(MODEL_FILE) else PeerConfig(
+            p.name, p.host, p.port, MODEL_FILE + str((folder / p.model[len(MODEL_FILE):]).resolve()), p.key)
+            for p in peers)
     names: set[str] = set()
     places: dict[tuple, PeerConfig] = {}
     for p in peers:
@@ -181,7 +254,7 @@ def parse(text: str, where: str = "peers.toml") -> NetworkConfig:
         if other is not p:
             raise ConfigError(f"{where}: peers {other.name!r} ({other.host}:{other.port}) and {p.name!r} "
                               f"({p.host}:{p.port}) are the same address and port")
-    return NetworkConfig(peers, **settings)
+    return NetworkConfig(peers, **settings, task_source=source)
 
 
 def load(path: str | Path) -> NetworkConfig:
@@ -192,4 +265,4 @@ def load(path: str | Path) -> NetworkConfig:
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse(text, str(path))
+    return parse(text, str(path), path.resolve().parent)

@@ -33,8 +33,12 @@ from p2pml.ids import IdTable
 # Constants (docs/ledger.md explains each one)
 # ---------------------------------------------------------------------------------------------
 
-LEDGER_VERSION = 2
-CLASSES = ("setosa", "versicolor", "virginica")
+LEDGER_VERSION = 3
+CLASSES = ("setosa", "versicolor", "virginica")  # the default task's (Iris)
+IRIS_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+CLASSIFICATION, REGRESSION = "classification", "regression"
+VALUE_ONE = 1_000_000  # regression votes are integers in millionths of the target's unit
+MAX_VALUE = 2**53  # |vote| at most this (exact in any JSON reader)
 
 DEPOSIT = 1000  # stake, in whole tokens, that every registration brings
 STAKE_FLOOR = 500  # a peer whose stake falls below this is ejected
@@ -52,6 +56,8 @@ BPS = 10_000  # basis points in one whole
 PROBA_ONE = 1_000_000  # class probabilities travel as integers in millionths
 COMMIT_DOMAIN = b"p2pml/commit\x00"  # a commitment hash means nothing elsewhere
 QUERY_VOTE_DOMAIN = b"p2pml/query-vote\x00"  # what an issuer's commit in its query binds
+CARD_DOMAIN = "p2pml-card"  # a card's id is the hash of its canonical JSON under this tag
+CARD_FRAMEWORKS = ("builtin", "sklearn", "onnx")  # a built-in kind, a skops file, an ONNX file
 
 STATUS_ACTIVE = "active"
 STATUS_EJECTED = "ejected"
@@ -69,12 +75,48 @@ NOT_A_MEMBER = "author holds no seat (no registration held for this key)"
 
 
 @dataclass(frozen=True, slots=True)
+class Card:
+    """What a member's model is, signed by the member: anyone can re-check it (docs/ledger.md).
+
+    ``params``: SHA-256 of a canonical encoding of the model's parameters (not of a file);
+    ``data_root``: the RFC 6962 Merkle root of the ``rows`` training rows it was fitted on;
+    ``score_bps``: the held-out score its owner claims (accuracy, or R^2, in basis points);
+    ``previous``: the id of the card this one replaces (empty in a registration)."""
+
+    framework: str
+    model: str
+    params: bytes
+    data_root: bytes
+    rows: int
+    score_bps: int
+    previous: bytes = b""
+
+    def canonical(self) -> dict:
+        return {"framework": self.framework, "model": self.model, "params": self.params.hex(),
+                "data_root": self.data_root.hex(), "rows": self.rows, "score_bps": self.score_bps,
+                "previous": self.previous.hex()}
+
+    def id(self) -> bytes:
+        return hashlib.sha256(_canonical_json([CARD_DOMAIN, self.canonical()])).digest()
+
+
+@dataclass(frozen=True, slots=True)
 class Register:
-    """Binds a key to one genesis slot and brings the deposit."""
+    """Binds a key to one genesis slot, brings the deposit, and states the model (its card)."""
 
     name: str
-    model: str
+    card: Card
     deposit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A member's new model card (a node restarted with another model): in force for the
+    rounds whose query lamport is above ``lamport``; ``card.previous`` names the card it
+    replaces."""
+
+    lamport: int
+    card: Card
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,26 +166,66 @@ class Message:
 
     id: bytes
     author: bytes
-    body: Register | Query | Votes
+    body: Register | Query | Votes | Update
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What the network predicts. Part of the genesis: messages never cross tasks.
+
+    ``rows_root``: the RFC 6962 Merkle root of the task's rows (see p2pml.task); ``categories``:
+    per feature, the names of its categories (a query may give the name for its code), empty
+    for a number. Regression: a vote agrees with the consensus when it lies within
+    ``max(band_bps x |consensus| / BPS, tolerance)`` of it (``tolerance`` in VALUE_ONE units)."""
+
+    name: str
+    kind: str
+    features: tuple[str, ...]
+    classes: tuple[str, ...] = ()
+    rows: int = 0
+    rows_root: bytes = b""
+    categories: tuple[tuple[str, ...], ...] = ()
+    feature_range: tuple[int, int] = (-10**9, 10**9)
+    band_bps: int = 0
+    tolerance: int = 0
+
+    @property
+    def regression(self) -> bool:
+        return self.kind == REGRESSION
+
+    def canonical(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "features": list(self.features),
+                "classes": list(self.classes), "rows": self.rows, "rows_root": self.rows_root.hex(),
+                "categories": [list(c) for c in self.categories],
+                "feature_range": list(self.feature_range), "band_bps": self.band_bps,
+                "tolerance": self.tolerance}
+
+
+# The task of a network whose peers file has no [task] (p2pml.task builds it from the data and
+# a test checks that it equals this).
+IRIS = Task("iris", CLASSIFICATION, IRIS_FEATURES, CLASSES, 150,
+            bytes.fromhex("926a8712d8d8091936f0ae8cf7bd4706264865f05dda6d780ac35c52dcdc5d6c"), (), (0, 100))
 
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """A genesis seat: who may register, with which model, optionally pinned to one key."""
+    """A genesis seat: who may register for it, optionally pinned to one key. (Which model a
+    member runs is not part of the genesis: it is in the member's signed card.)"""
 
     name: str
-    model: str
     key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Genesis:
     slots: tuple[Slot, ...]
+    task: Task = IRIS
 
     def id(self) -> bytes:
-        """Network identity: signatures bind to it, so messages cannot cross networks."""
-        canon = [[s.name, s.model, s.key.hex() if s.key else None] for s in self.slots]
-        return hashlib.sha256(_canonical_json(["p2pml-genesis", LEDGER_VERSION, canon])).digest()
+        """Network identity: signatures bind to it, so messages cannot cross networks (or tasks)."""
+        canon = [[s.name, s.key.hex() if s.key else None] for s in self.slots]
+        return hashlib.sha256(_canonical_json(
+            ["p2pml-genesis", LEDGER_VERSION, self.task.canonical(), canon])).digest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +236,6 @@ class Genesis:
 @dataclass(slots=True)
 class PeerState:
     name: str
-    model: str
     key: bytes
     stake: int = DEPOSIT
     weight: int = INITIAL_WEIGHT
@@ -170,7 +251,7 @@ class PeerState:
 
     def copy(self) -> PeerState:
         return PeerState(
-            self.name, self.model, self.key, self.stake, self.weight, self.status, self.reason,
+            self.name, self.key, self.stake, self.weight, self.status, self.reason,
             self.history, self.votes, self.agreed, self.slashed, self.equivocation, self.late,
             self.unrevealed,
         )
@@ -178,7 +259,6 @@ class PeerState:
     def canonical(self) -> dict:
         return {
             "name": self.name,
-            "model": self.model,
             "key": self.key.hex(),
             "stake": self.stake,
             "weight": self.weight,
@@ -199,9 +279,20 @@ class State:
     peers: dict[str, PeerState] = field(default_factory=dict)  # by peer id
     rounds: int = 0  # rounds settled (rounds with at least one counted vote)
     burned: int = 0
+    # peer id -> its chain of model cards, oldest first: (the lamport above which each is in
+    # force, card, its id). Set from the held registrations and updates, not folded round by round.
+    cards: dict[str, tuple[tuple[int, Card, bytes], ...]] = field(default_factory=dict)
 
     def copy(self) -> State:
-        return State({k: p.copy() for k, p in self.peers.items()}, self.rounds, self.burned)
+        return State({k: p.copy() for k, p in self.peers.items()}, self.rounds, self.burned, self.cards)
+
+    def card(self, pid: str) -> Card | None:
+        """The card a member's latest votes count under."""
+        chain = self.cards.get(pid)
+        return chain[-1][1] if chain else None
+
+    def card_by_id(self, pid: str, cid: bytes) -> Card | None:
+        return next((card for _, card, i in self.cards.get(pid, ()) if i == cid), None)
 
     def canonical(self) -> dict:
         return {
@@ -209,6 +300,8 @@ class State:
             "rounds": self.rounds,
             "burned": self.burned,
             "peers": {pid: self.peers[pid].canonical() for pid in sorted(self.peers)},
+            "cards": {pid: [{**card.canonical(), "id": cid.hex(), "after_lamport": lamport}
+                            for lamport, card, cid in self.cards[pid]] for pid in sorted(self.cards)},
         }
 
 
@@ -221,11 +314,13 @@ class CountedVote:
     stake: int
     message: bytes  # the reveal (the lowest id among the reveals of this vote)
     commit: bytes  # the commit it opens
+    card: bytes = b""  # the id of the voter's model card in force for this round
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How one round was decided, with the weights that applied at the time."""
+    """How one round was decided, with the weights that applied at the time. ``consensus``:
+    a class index, or for regression a value in VALUE_ONE units."""
 
     round: bytes
     consensus: int | None
@@ -264,7 +359,8 @@ def query_binding(author: bytes, lamport: int, index: int) -> bytes:
 def commitment(author: bytes, rid: bytes, label: int, proba: tuple[int, ...], salt: bytes) -> bytes:
     """What a Commit carries. The author is inside, so nobody can commit to another's hash
     and reveal that peer's vote as its own; the salt makes three possible labels unguessable."""
-    parts = [COMMIT_DOMAIN, author, rid, bytes([label])]
+    # a class index as one byte; a regression value (no probabilities) as 8, signed
+    parts = [COMMIT_DOMAIN, author, rid, bytes([label]) if proba else label.to_bytes(8, "big", signed=True)]
     parts += [p.to_bytes(4, "big") for p in proba]
     parts.append(salt)
     return hashlib.sha256(b"".join(parts)).digest()
@@ -305,56 +401,82 @@ def power(peer: PeerState) -> int:
     return peer.stake * peer.weight
 
 
-def compute_consensus(voters: list[tuple[PeerState, int]]) -> int:
-    """Among the classes voted for (``(peer, label)``), the one with the largest voting power
-    (stake x weight); if no voter has any power, the one with the most votes; ties go to the
-    lowest class."""
-    by_power = [0] * len(CLASSES)
-    by_count = [0] * len(CLASSES)
-    for peer, label in voters:
-        by_power[label] += power(peer)
-        by_count[label] += 1
-    return _leading(by_power, by_count)
+def compute_consensus(task: Task, votes: list[tuple[PeerState, int, tuple[int, ...]]]) -> int:
+    """The consensus of ``votes`` ``(peer, label, proba)``, each weighted by its voting power
+    (stake x weight), or all alike if no voter has any power.
+
+    Classification, a soft vote: the class with the largest weighted sum of the revealed
+    probabilities, a tie to the lowest class. Regression: the weighted median of the values
+    (the lowest value at which the weight at or below it reaches half of the total)."""
+    powers = [power(peer) for peer, _, _ in votes]
+    if not any(powers):
+        powers = [1] * len(votes)
+    if task.kind == REGRESSION:
+        return weighted_median(sorted(zip([label for _, label, _ in votes], powers)))
+    totals = [0] * len(votes[0][2])
+    for (_, _, proba), weight in zip(votes, powers):
+        totals = [t + weight * p for t, p in zip(totals, proba)]
+    return totals.index(max(totals))  # the first of the largest: a tie keeps the lower class
 
 
-def _leading(by_power: list[int], by_count: list[int]) -> int:
-    score = by_power if any(by_power) else by_count
-    best = -1
-    for c in range(len(CLASSES)):  # strictly greater: a tie keeps the lower class
-        if by_count[c] and (best < 0 or score[c] > score[best]):
-            best = c
-    return best
+def weighted_median(ordered: list[tuple[int, int]]) -> int:
+    """The lower weighted median of ``(value, weight)`` pairs sorted by value."""
+    total = sum(weight for _, weight in ordered)
+    below = 0
+    for value, weight in ordered:
+        below += weight
+        if 2 * below >= total:
+            return value
+    raise ValueError("no votes")
 
 
-def assess(peer: PeerState, revealed: list[tuple[PeerState, int, frozenset[bytes]]]) -> int | None:
+def agrees(task: Task, label: int, consensus: int) -> bool:
+    """Whether a vote agrees with the consensus: the same class, or for regression a value
+    within the task's band around it."""
+    if task.kind != REGRESSION:
+        return label == consensus
+    return abs(label - consensus) <= max(task.band_bps * abs(consensus) // BPS, task.tolerance)
+
+
+def assess(task: Task, peer: PeerState,
+           revealed: list[tuple[PeerState, int, tuple[int, ...], frozenset[bytes]]],
+           whole: int | None = None) -> int | None:
     """Whether ``peer``'s vote is timely, and if so what it is judged against.
 
-    Its **vouchers** are the other revealers ``(peer, label, seen)`` whose ``seen`` holds its
-    key: they held its commit before revealing, so it provably could not have seen their votes
-    when it committed (a reveal cannot list a commit that did not exist yet). The vote is timely
-    if its vouchers hold more than half of the power of all the other revealers (by count if
-    those have no power); a vote committed after looking at the others' reveals fails this, and
-    so does a vote nobody else revealed on. Returns None if not timely, else the consensus of
-    its vouchers' votes (``compute_consensus`` over them)."""
-    by_power = [0] * len(CLASSES)
-    by_count = [0] * len(CLASSES)
-    total = others = saw = listed = 0
-    for other, label, seen in revealed:
+    Its **vouchers** are the other revealers ``(peer, label, proba, seen)`` whose ``seen``
+    holds its key: they held its commit before revealing, so it provably could not have seen
+    their votes when it committed (a reveal cannot list a commit that did not exist yet). The
+    vote is timely if its vouchers hold more than half of the power of all the other revealers
+    (by count if those have no power); a vote committed after looking at the others' reveals
+    fails this, and so does a vote nobody else revealed on. Returns None if not timely, else
+    the consensus of its vouchers' votes and its own (``compute_consensus`` over them): each
+    member is judged by the votes it could not have copied, weighed as in the round's answer,
+    so that two colluders among five cannot tie the two other honest votes of a leave-one-out
+    judgement (a soft vote of confident liars would win every such tie). ``whole``, if given,
+    is ``compute_consensus`` over every revealed vote: what a member every other revealer
+    vouched for is judged against (the common case, computed once a round)."""
+    vouchers = []
+    own = None
+    total = others = saw = 0
+    for other, label, proba, seen in revealed:
         if other is peer:
+            own = (other, label, proba)
             continue
         weight = power(other)
         total += weight
         others += 1
         if peer.key in seen:
             saw += weight
-            listed += 1
-            by_power[label] += weight
-            by_count[label] += 1
+            vouchers.append((other, label, proba))
     if total == 0:
-        total, saw = others, listed
-    if not listed or 2 * saw <= total:
+        total, saw = others, len(vouchers)
+    if not vouchers or 2 * saw <= total:
         return None
-    return _leading(by_power, by_count)
+    if whole is not None and len(vouchers) == others:
+        return whole
+    if own is not None:
+        vouchers.append(own)
+    return compute_consensus(task, vouchers)
 
 
 def compute_weight(weight: int, agreed: bool) -> int:
@@ -423,6 +545,7 @@ class Ledger:
 
     def __init__(self, genesis: Genesis):
         self.genesis = genesis
+        self.task = genesis.task
         self._slots = {s.name: s for s in genesis.slots}
         # id of every message held -> its author's place in _authors: the contents live on in
         # the per-round tables below (nothing is stored twice), until ``prune`` drops those of
@@ -431,6 +554,8 @@ class Ledger:
         self._authors: list[bytes] = []
         self._author_index: dict[bytes, int] = {}
         self._registrations: dict[str, list[Message]] = {}
+        self._updates: dict[bytes, list[Message]] = {}  # key -> its valid model card updates
+        self._cards: dict[str, tuple[tuple[int, Card, bytes], ...]] = {}  # peer id -> chain (see State)
         self._queries: dict[bytes, tuple[int, bytes]] = {}  # round -> (lamport, round)
         self._order: list[tuple[int, bytes]] = []
         # round -> author -> (digest, lowest message id, ...); two digests mean equivocation
@@ -484,6 +609,18 @@ class Ledger:
                     self._checkpoints = []
                     self._mark_dirty(0)
             self._seats = seats
+            self._chain_cards()
+        elif isinstance(body, Update):
+            reason = self._check_card(body.card, update=True)
+            if reason:
+                return reason
+            self._updates.setdefault(msg.author, []).append(msg)
+            before = self._cards
+            self._chain_cards()
+            if self._cards != before:  # votes from its lamport on count under another card
+                self._root = None
+                self._state.cards = self._cards
+                self._mark_dirty(bisect.bisect_left(self._order, (body.lamport + 1, b"")))
         elif isinstance(body, Query):
             if body.commits and len(body.commits) != len(body.items):
                 return "a query carries one commit per item, or none"
@@ -508,9 +645,9 @@ class Ledger:
                 self._order.insert(pos, key)
                 self._mark_dirty(pos)
         elif isinstance(body, Votes):
-            for r in body.reveals:
-                if not 0 <= r.label < len(CLASSES):
-                    return f"vote label {r.label} is not a class index"
+            reason = self._check_reveals(body.reveals)
+            if reason:
+                return reason
             for items in (body.commits, body.reveals):
                 if len({item.round for item in items}) != len(items):
                     return "a vote message holds at most one commit and one reveal per round"
@@ -544,7 +681,7 @@ class Ledger:
                 self._touch(r.round)
         else:  # pragma: no cover - wire builds only the types above
             return f"unknown message type {type(body).__name__}"
-        if isinstance(body, Query):  # only queries are ordered by lamport
+        if isinstance(body, (Query, Update)):  # only these are ordered by lamport
             self.lamport = max(self.lamport, body.lamport)
         index = self._author_index.get(msg.author)
         if index is None:
@@ -558,12 +695,70 @@ class Ledger:
         index = self.held.get(mid)
         return None if index is None else self._authors[index]
 
+    def _check_reveals(self, reveals) -> str | None:
+        """A classification vote: a class index, one probability per class (in PROBA_ONE
+        units, adding up to at most PROBA_ONE plus one per class for rounding), its class
+        among the most probable. A regression vote: a value within MAX_VALUE, no probabilities."""
+        n = len(self.task.classes)
+        for r in reveals:
+            if self.task.kind == REGRESSION:
+                if r.proba or not -MAX_VALUE <= r.label <= MAX_VALUE:
+                    return "a regression vote is a value of at most 2**53 and no probabilities"
+                continue
+            if not 0 <= r.label < n:
+                return f"vote label {r.label} is not a class index (the task has {n} classes)"
+            if len(r.proba) != n:
+                return f"a vote gives {len(r.proba)} probabilities; the task has {n} classes"
+            if sum(r.proba) > PROBA_ONE + n or r.proba[r.label] != max(r.proba):
+                return "a vote's probabilities add up to more than 1, or its class is not the most probable"
+        return None
+
+    def _check_card(self, card: Card, update: bool = False) -> str | None:
+        if card.framework not in CARD_FRAMEWORKS:
+            return f"model card framework {card.framework!r} is not one of {', '.join(CARD_FRAMEWORKS)}"
+        if len(card.params) != 32 or len(card.data_root) != 32:
+            return "a model card's params and data_root are SHA-256 hashes (32 bytes)"
+        if not 0 <= card.rows <= MAX_VALUE or not -MAX_VALUE <= card.score_bps <= BPS:
+            return "a model card's rows or score_bps is out of range"
+        if update != bool(card.previous) or (update and len(card.previous) != 32):
+            return ("an update's card names the card it replaces (32 bytes); a registration's "
+                    "card names none")
+        return None
+
+    def _chain_cards(self) -> None:
+        """Each member's card chain: its winning registration's card, then, repeatedly, the
+        update that names the last card as ``previous`` with a higher lamport (of several, the
+        lowest (lamport, id)). A card is in force for the rounds whose query lamport is above
+        the update's (the registration's: from the start)."""
+        cards = {}
+        for key, reg in self._seats.items():
+            chain = [(0, reg.body.card, reg.body.card.id())]
+            updates = sorted(self._updates.get(key, ()), key=lambda m: (m.body.lamport, m.id))
+            for msg in updates:
+                lamport, _, cid = chain[-1]
+                if msg.body.card.previous == cid and msg.body.lamport > lamport:
+                    chain.append((msg.body.lamport, msg.body.card, msg.body.card.id()))
+            cards[peer_id(key)] = tuple(chain)
+        self._cards = cards
+
+    def card_at(self, pid: str, lamport: int) -> bytes:
+        """The id of member ``pid``'s card in force for a round whose query has ``lamport``."""
+        chain = self._cards.get(pid, ())
+        if len(chain) == 1:
+            return chain[0][2]
+        found = b""
+        for since, _, cid in chain:
+            if since < lamport or not found:
+                found = cid
+        return found
+
     def _check_register(self, author: bytes, body: Register) -> str | None:
         slot = self._slots.get(body.name)
         if slot is None:
             return f"no genesis slot named {body.name!r}"
-        if body.model != slot.model:
-            return f"slot {body.name!r} is for model {slot.model!r}, not {body.model!r}"
+        reason = self._check_card(body.card)
+        if reason:
+            return reason
         if body.deposit != DEPOSIT:
             return f"deposit must be {DEPOSIT}, not {body.deposit}"
         if slot.key is not None and author != slot.key:
@@ -731,7 +926,7 @@ class Ledger:
     def genesis_state(self) -> State:
         state = State()
         for key, msg in sorted(self._seats.items(), key=lambda kv: kv[1].body.name):
-            state.peers[peer_id(key)] = PeerState(msg.body.name, msg.body.model, key)
+            state.peers[peer_id(key)] = PeerState(msg.body.name, key)
         self._members = {p.key: pid for pid, p in state.peers.items()}
         return state
 
@@ -758,6 +953,7 @@ class Ledger:
             if rid in self._commits:  # a round nobody committed on changes nothing (fast path)
                 self._process_round(state, rid)
                 changed = True
+        state.cards = self._cards
         self._state = state
         self._root = None
         self._dirty = end if end < len(self._order) else None
@@ -803,9 +999,12 @@ class Ledger:
             (label, proba, _), variants = contents[:2]
             seen = frozenset.intersection(*variants[::2])
             revealed.append((peer, label, proba, seen, (min(variants[1::2]), commit_id)))
-        evidence = [(p, label, seen) for p, label, _, seen, _ in revealed]
-        # From the powers before the round: None if not timely, else its vouchers' consensus.
-        against = {p.key: assess(p, evidence) for p in [v[0] for v in revealed] + unrevealed}
+        task = self.task
+        evidence = [(p, label, proba, seen) for p, label, proba, seen, _ in revealed]
+        # From the powers before the round: None if not timely, else the consensus of its
+        # vouchers and its own vote.
+        whole = compute_consensus(task, [v[:3] for v in evidence]) if evidence else None
+        against = {p.key: assess(task, p, evidence, whole) for p in [v[0] for v in revealed] + unrevealed}
         judged = [v for v in revealed if against[v[0].key] is not None]
         missing = [p for p in unrevealed if against[p.key] is not None]
         late = sorted((p for p in [v[0] for v in revealed] + unrevealed
@@ -817,14 +1016,19 @@ class Ledger:
         if not counted:
             self._outcomes[rid] = Outcome(rid, None, ())
             return
-        consensus = compute_consensus([(p, label) for p, label, _, _, _ in counted])
-        votes = tuple(CountedVote(self._members[p.key], label, proba, p.weight, p.stake, *ids)
-                      for p, label, proba, _, ids in counted)
-        late_votes = tuple(CountedVote(self._members[p.key], label, proba, p.weight, p.stake, *ids)
+        consensus = whole if len(counted) == len(revealed) else compute_consensus(
+            task, [(p, label, proba) for p, label, proba, _, _ in counted])
+        lamport = self._queries[rid][0]
+
+        def counted_vote(p, label, proba, ids):
+            pid = self._members[p.key]
+            return CountedVote(pid, label, proba, p.weight, p.stake, *ids, self.card_at(pid, lamport))
+        votes = tuple(counted_vote(p, label, proba, ids) for p, label, proba, _, ids in counted)
+        late_votes = tuple(counted_vote(p, label, proba, ids)
                            for p, label, proba, _, ids in revealed if any(p is q for q in late))
-        # Each judged vote is compared with the consensus of its vouchers, all computed from the
-        # powers before the round: with the others whose votes it cannot have copied.
-        verdicts = [(peer, label == against[peer.key]) for peer, label, _, _, _ in judged]
+        # Each judged vote is compared with the consensus of its vouchers and itself, all
+        # computed from the powers before the round: the votes it cannot have copied.
+        verdicts = [(peer, agrees(task, label, against[peer.key])) for peer, label, _, _, _ in judged]
         state.rounds += 1
         for peer, agreed in verdicts:
             judge(state, peer, agreed)
@@ -866,8 +1070,8 @@ def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: in
     for i in range(count):
         msg = get(i)
         body = msg.body
-        if isinstance(body, Register):
-            first = (-1, b"")  # seats first: a later registration would make the ledger stale
+        if isinstance(body, (Register, Update)):
+            first = (-1, b"")  # seats and cards first: a later registration would make it stale
         elif isinstance(body, Query):
             first = min((keys[round_id(msg.id, j)] for j in range(len(body.items))), default=last)
         else:

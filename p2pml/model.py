@@ -1,12 +1,13 @@
-"""The peer's own model: scikit-learn classifiers trained on Iris, and the voting behaviours.
+"""The peer's own model: a built-in scikit-learn kind trained on the task, or a model file of
+the operator's own (p2pml.modelfile), its signed card, and the voting behaviours.
 
-Training uses the dataset that ships inside scikit-learn (no download) and a fixed split, so
-every run of every peer sees the same training rows and ``held_out()`` rows are never trained on.
+Training uses the task's fixed split (p2pml.task), so every run of every peer sees the same
+training rows and the held-out rows are never trained on.
 Behaviours other than ``honest`` exist so that slashing can be seen and tested; their "random"
 choice is a hash of the key and the round, so a restarted node votes exactly as before and never
 equivocates by accident.
 
-A node trains its model in a child process (``python -m p2pml.model KIND``), which sends back
+A node trains a built-in kind in a child process (``python -m p2pml.model KIND``), which sends back
 the fitted parameters its numpy fast path needs: scikit-learn and scipy, about 90 MB resident,
 are then never loaded in the node (unless a row needs scikit-learn itself, see ``_Sklearn``).
 This module imports scikit-learn only inside the functions that train or inspect an estimator.
@@ -25,27 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
-from p2pml.ledger import CLASSES, PROBA_ONE
+from p2pml.ledger import BPS, IRIS_FEATURES, MAX_VALUE, PROBA_ONE, VALUE_ONE, Card, Task
+from p2pml.task import TaskData, TaskSource, cached, rows_root
 
-FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
-# honest: the model's answer. random: a class drawn from hash(key, round). constant: always
-# CONSTANT_LABEL. wrong: the class after the model's answer (two such peers collude on the same
-# wrong class). equivocate: votes honestly, and also signs a conflicting commit for every round,
+FEATURES = IRIS_FEATURES  # the default task's
+# honest: the model's answer. random: a class (or a value within the training targets' range)
+# drawn from hash(key, round). constant: always CONSTANT_LABEL (regression: the lowest training
+# target). wrong: the class after the model's answer (two such peers collude on the same wrong
+# class); regression: the answer plus a fixed bias (half the training targets' range). equivocate: votes honestly, and also signs a conflicting commit for every round,
 # which it sends to half of the peers. copycat: runs no model; waits for another peer's reveal,
 # then commits to and reveals the class most reveals show. withhold: commits honestly and never
 # reveals. (The node does the last three; see service.Node.)
 BEHAVIORS = ("honest", "random", "constant", "wrong", "equivocate", "copycat", "withhold")
 CONSTANT_LABEL = 0  # what the "constant" behaviour always votes
-SPLIT_SEED = 0  # held-out accuracy varies with the split: see docs/ledger.md
-TEST_FRACTION = 0.3
 CHILD_TIMEOUT_S = 120  # training in a child process takes 1-3 s; this long only if it is stuck
-PARAMS_FORMAT = 1  # of what the child sends back
+PARAMS_FORMAT = 2  # of what the child sends back
 
 log = logging.getLogger(__name__)
 
 
-def build(kind: str):
-    """A fresh, unfitted estimator of one of config.MODEL_KINDS."""
+def build(kind: str, regression: bool = False):
+    """A fresh, unfitted estimator of one of config.MODEL_KINDS (REGRESSION_KINDS)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -54,6 +55,20 @@ def build(kind: str):
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
+    if regression:
+        from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+        from sklearn.linear_model import Ridge
+        from sklearn.neighbors import KNeighborsRegressor
+        from sklearn.svm import SVR
+
+        makers = {"linear_regression": lambda: make_pipeline(StandardScaler(), Ridge(alpha=1.0)),
+                  "random_forest": lambda: RandomForestRegressor(n_estimators=100, random_state=0),
+                  "gradient_boosting": lambda: GradientBoostingRegressor(random_state=0),
+                  "knn": lambda: make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=7)),
+                  "svm": lambda: make_pipeline(StandardScaler(), SVR(C=100.0))}
+        if kind not in makers:
+            raise ValueError(f"unknown regression model kind {kind!r}")
+        return makers[kind]()
     if kind == "logistic_regression":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     if kind == "random_forest":
@@ -64,6 +79,8 @@ def build(kind: str):
         return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=7))
     if kind == "svm":
         return make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(), ensemble=False))
+    if kind == "linear_regression":
+        raise ValueError("linear_regression is for regression tasks (logistic_regression classifies)")
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -460,9 +477,12 @@ def fast_predict_proba(estimator, slow=None):
     return _PROBA[found[0]](found[1], estimator.predict_proba if slow is None else slow)
 
 
-def _pack(name: str, params: dict) -> bytes:
-    """Parameters as an ``.npz`` (arrays, lists of arrays, numbers): exact, and no pickle."""
-    arrays = {"kind": np.array(name), "format": np.array(PARAMS_FORMAT)}
+def _pack(name: str, params: dict, card: Card) -> bytes:
+    """Parameters and card as an ``.npz`` (arrays, lists of arrays, numbers): exact, and no
+    pickle."""
+    arrays = {"kind": np.array(name), "format": np.array(PARAMS_FORMAT),
+              "card": np.array([card.framework, card.model, card.params.hex(), card.data_root.hex(),
+                                str(card.rows), str(card.score_bps)])}
     for key, value in params.items():
         if isinstance(value, list):
             arrays.update({f"list:{key}:{i}": v for i, v in enumerate(value)})
@@ -474,7 +494,7 @@ def _pack(name: str, params: dict) -> bytes:
     return out.getvalue()
 
 
-def _unpack(data: bytes) -> tuple[str, dict]:
+def _unpack(data: bytes) -> tuple[tuple[str, dict], Card]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         if "format" not in z.files or int(z["format"]) != PARAMS_FORMAT:
             raise ValueError("parameters of another format (another p2pml version?)")
@@ -486,9 +506,11 @@ def _unpack(data: bytes) -> tuple[str, dict]:
             elif key.startswith("len:"):
                 field = key[4:]
                 params[field] = [z[f"list:{field}:{i}"] for i in range(int(z[key]))]
+        framework, model, params_hex, root, rows, score = (str(v) for v in z["card"])
     if name not in _PROBA:
         raise ValueError(f"unknown fast path {name!r}")
-    return name, params
+    return (name, params), Card(framework, model, bytes.fromhex(params_hex), bytes.fromhex(root),
+                                int(rows), int(score))
 
 
 def _agrees(fast, estimator, rows: np.ndarray) -> bool:
@@ -502,39 +524,57 @@ def _agrees(fast, estimator, rows: np.ndarray) -> bool:
             and (got.argmax(axis=1) == want.argmax(axis=1)).all())
 
 
-def _split():
-    from sklearn.datasets import load_iris
-    from sklearn.model_selection import train_test_split
-
-    data = load_iris()
-    return train_test_split(data.data, data.target, test_size=TEST_FRACTION,
-                            random_state=SPLIT_SEED, stratify=data.target)
-
-
-def held_out() -> tuple[np.ndarray, np.ndarray]:
-    """Iris rows no peer trained on, with their true labels."""
-    _, x_test, _, y_test = _split()
-    return x_test, y_test
-
-
-def _fit(kind: str):
-    """The estimator of ``kind`` trained on the split; and scikit-learn's own predict_proba for
-    it (the forest's summed directly, see ``forest_proba``)."""
-    x_train, _, y_train, _ = _split()
-    estimator = build(kind).fit(x_train, y_train)
+def _fit(kind: str, data: TaskData):
+    """The estimator of ``kind`` trained on the task's split; and scikit-learn's own answer
+    for it (predict_proba, the forest's summed directly, see ``forest_proba``; or predict)."""
+    x_train, _, y_train, _ = data.split()
+    regression = data.spec.regression
+    estimator = build(kind, regression).fit(x_train, y_train)
+    if regression:
+        return estimator, estimator.predict
     if kind == "random_forest":
         return estimator, lambda rows: forest_proba(estimator, rows)
     return estimator, estimator.predict_proba
 
 
-def train_fast(kind: str) -> tuple[object, object, tuple[str, dict] | None]:
-    """Train ``kind``; return (estimator, its scikit-learn predict_proba, fast path parameters
-    or None if there is no fast path equal to scikit-learn's on every Iris row)."""
-    estimator, slow = _fit(kind)
-    found = fast_params(estimator)
+def held_out(source: TaskSource | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the task no peer trained on, with their truth (Iris by default)."""
+    return cached(source).held_out()
+
+
+def _split(source: TaskSource | None = None):
+    return cached(source).split()
+
+
+def score_bps(predict, data: TaskData) -> int:
+    """The held-out score in basis points: accuracy, or for regression R^2 (may be negative)."""
+    x_test, y_test = data.held_out()
+    out = predict(np.ascontiguousarray(x_test, dtype=np.float64))
+    if data.spec.regression:
+        residual = float(((y_test - out) ** 2).sum())
+        total = float(((y_test - y_test.mean()) ** 2).sum()) or 1.0
+        return max(-MAX_VALUE, int(round((1 - residual / total) * BPS)))
+    return int(round(float((out.argmax(axis=1) == y_test).mean()) * BPS))
+
+
+def card_for(framework: str, model: str, params: str, data: TaskData, score: int,
+             trained_on: tuple[bytes, int] | None = None) -> Card:
+    """A registration's card. ``trained_on``: (Merkle root, rows) of the training rows; by
+    default the task's training split."""
+    if trained_on is None:
+        x_train, _, y_train, _ = data.split()
+        trained_on = rows_root(x_train, y_train, data.spec.regression), len(x_train)
+    return Card(framework, model, bytes.fromhex(params), trained_on[0], trained_on[1], score)
+
+
+def train_fast(kind: str, source: TaskSource | None = None):
+    """Train ``kind``; return (estimator, its scikit-learn answer, fast path parameters or None
+    if there is none equal to scikit-learn's on every row of the task)."""
+    data = cached(source)
+    estimator, slow = _fit(kind, data)
+    found = None if data.spec.regression else fast_params(estimator)
     if found is not None:
-        x_train, x_test, _, _ = _split()
-        if not _agrees(_PROBA[found[0]](found[1], slow), estimator, np.vstack((x_train, x_test))):
+        if not _agrees(_PROBA[found[0]](found[1], slow), estimator, data.x):
             found = None
     return estimator, slow, found
 
@@ -550,8 +590,8 @@ class _Sklearn:
     """scikit-learn's own ``predict_proba`` for ``kind``, trained on first use: for the rows a
     fast path in a node without scikit-learn leaves to it (knn ties, odd input)."""
 
-    def __init__(self, kind: str):
-        self.kind, self._proba, self._lock = kind, None, threading.Lock()
+    def __init__(self, kind: str, source: TaskSource | None = None):
+        self.kind, self.source, self._proba, self._lock = kind, source, None, threading.Lock()
 
     def __call__(self, rows):
         if self._proba is None:
@@ -560,57 +600,107 @@ class _Sklearn:
             with self._lock:  # two worker threads must not both train it
                 if self._proba is None:
                     log.info("%s: loading scikit-learn for a row the fast path leaves to it", self.kind)
-                    self._proba = _fit(self.kind)[1]
+                    self._proba = _fit(self.kind, cached(self.source))[1]
         return self._proba(rows)
 
 
 class Model:
-    """One peer's voter: ``vote(rows, rounds)`` gives ``(label, probabilities in millionths)``.
+    """One peer's voter: ``vote(rows, rounds)`` gives ``(label, probabilities in millionths)``
+    for a classification, ``(value in VALUE_ONE units, ())`` for a regression.
 
-    ``separate``: train in a child process and keep only the fast path's parameters here (what a
-    node does; ``estimator`` is then None). The child starts at once and is waited for at the
-    first use (or ``finish``): a node reads its log meanwhile. Otherwise train here (tests,
-    tools)."""
+    ``kind``: a built-in kind, or ``file:PATH`` (a skops or ONNX file, p2pml.modelfile).
+    ``separate``: train a built-in kind in a child process and keep only the fast path's
+    parameters here (what a node does; ``estimator`` is then None). The child starts at once
+    and is waited for at the first use (or ``finish``): a node reads its log meanwhile.
+    Otherwise train here (tests, tools). ``card`` is this model's card once finished."""
 
-    def __init__(self, kind: str, behavior: str = "honest", key: bytes = b"", separate: bool = False):
+    def __init__(self, kind: str, behavior: str = "honest", key: bytes = b"", separate: bool = False,
+                 source: TaskSource | None = None, task: Task | None = None):
         if behavior not in BEHAVIORS:
             raise ValueError(f"unknown behavior {behavior!r}; choose one of {', '.join(BEHAVIORS)}")
+        from p2pml.ledger import IRIS
+
         self.kind = kind
         self.behavior = behavior
+        self.source = source
+        self.task = task or (IRIS if source is None else cached(source).spec)
+        self.n_classes = len(self.task.classes)
         self._key = key
         self.estimator = None
+        self.card: Card | None = None
         self._proba = None
+        self._range = (0, 0)  # regression: the training targets' range, in VALUE_ONE units
         self._finishing = threading.Lock()
-        self._training = _Training(kind) if separate else None
-        if self._training is None:
+        self._training = None
+        if kind.startswith("file:"):
+            self._load_file(kind[len("file:"):])
+        elif separate:
+            self._training = _Training(kind, source)
+        else:
             self._install(None)
 
     def finish(self) -> None:
         """Wait for the child's training, if any is under way, and take its parameters."""
         with self._finishing:
             if self._training is not None:
-                self._install(self._training.result())
+                found = self._training.result()
                 self._training = None
+                self._install(found)
 
-    def _install(self, found: tuple[str, dict] | None) -> None:
+    def _load_file(self, path: str) -> None:
+        """A model file of the operator's own: checked against the task (ModelFileError)."""
+        from p2pml import modelfile
+
+        data = cached(self.source)
+        loaded = modelfile.load(path, n_features=len(self.task.features), kind=self.task.kind,
+                                n_classes=self.n_classes)
+        self._set_predict(loaded.predict, data)
+        self.card = card_for(loaded.framework, loaded.kind, loaded.params_sha256, data,
+                             score_bps(loaded.predict, data), _trained_on(path))
+
+    def _set_predict(self, predict, data: TaskData | None) -> None:
+        if self.task.regression:
+            lo, hi = float(data.y.min()), float(data.y.max())
+            self._range = (int(round(lo * VALUE_ONE)), int(round(hi * VALUE_ONE)))
+        self._proba = predict
+
+    def _install(self, found) -> None:
+        from p2pml import modelfile
+
         if found is not None:
-            slow = _Sklearn(self.kind)
-            fast = _PROBA[found[0]](found[1], slow)
-        else:
-            self.estimator, slow, found = train_fast(self.kind)
-            fast = None if found is None else _PROBA[found[0]](found[1], slow)
+            (name, params), card = found
+            slow = _Sklearn(self.kind, self.source)
+            self._proba = _Guarded(_PROBA[name](params, slow), slow, len(self.task.features))
+            self.card = card
+            return
+        data = cached(self.source)
+        self.estimator, slow, fast = train_fast(self.kind, self.source)
         if fast is not None:
-            self._proba = _Guarded(fast, slow, len(FEATURES))
+            self._set_predict(_Guarded(_PROBA[fast[0]](fast[1], slow), slow, len(self.task.features)), data)
         else:
-            self._proba = slow
-            log.warning("%s: no fast path equal to scikit-learn's; using scikit-learn's", self.kind)
+            self._set_predict(slow, data)
+            if not self.task.regression and self.task.name == "iris":
+                log.warning("%s: no fast path equal to scikit-learn's; using scikit-learn's", self.kind)
+        self.card = card_for("builtin", self.kind, modelfile.params_hash(self.estimator), data,
+                             score_bps(slow, data))
 
     @property
     def predict_proba(self):
-        """Class probabilities of rows (the fast path where it is exact, else scikit-learn)."""
+        """Class probabilities (regression: values) of rows: the fast path where it is exact,
+        else scikit-learn (or the model file's runtime)."""
         if self._proba is None:
             self.finish()
         return self._proba
+
+    def own(self, rows: np.ndarray) -> list[dict]:
+        """This model's own answer on ``rows``, whatever its behaviour: {"prediction",
+        "probabilities"} (classification) or {"prediction"} (regression)."""
+        out = self.predict_proba(rows)
+        if self.task.regression:
+            return [{"prediction": float(v)} for v in np.asarray(out, dtype=np.float64).reshape(-1)]
+        classes = self.task.classes
+        return [{"prediction": classes[int(p.argmax())],
+                 "probabilities": {c: round(float(x), 6) for c, x in zip(classes, p)}} for p in out]
 
     def vote_inline(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]] | None:
         """``vote``, or None where it would first have to load scikit-learn (about 0.8 s and
@@ -625,36 +715,72 @@ class Model:
             _inline.active = False
 
     def vote(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple[int, ...]]]:
+        if self.task.regression:
+            return self._vote_value(rows, rounds)
+        n = self.n_classes
         if self.behavior in ("honest", "equivocate", "withhold", "copycat"):
             proba = self.predict_proba(rows)
             ppm = np.rint(proba * PROBA_ONE).astype(np.int64)
             np.maximum(ppm, 0, out=ppm)  # the ufuncs: np.clip costs more than the model on few rows
             np.minimum(ppm, PROBA_ONE, out=ppm)
-            return list(zip(proba.argmax(axis=1).tolist(), map(tuple, ppm.tolist())))
+            return list(zip(ppm.argmax(axis=1).tolist(), map(tuple, ppm.tolist())))
         if self.behavior == "wrong":
-            labels = (self.predict_proba(rows).argmax(axis=1) + 1) % len(CLASSES)
+            labels = (self.predict_proba(rows).argmax(axis=1) + 1) % n
         elif self.behavior == "random":
-            labels = [hashlib.sha256(self._key + rid).digest()[0] % len(CLASSES) for rid in rounds]
+            labels = [hashlib.sha256(self._key + rid).digest()[0] % n for rid in rounds]
         else:
             labels = [CONSTANT_LABEL] * len(rounds)
-        return [(int(label), one_hot(int(label))) for label in labels]
+        return [(int(label), one_hot(int(label), n)) for label in labels]
+
+    def _vote_value(self, rows: np.ndarray, rounds: list[bytes]) -> list[tuple[int, tuple]]:
+        lo, hi = self._range
+        if self.behavior == "random":
+            values = [lo + int.from_bytes(hashlib.sha256(self._key + rid).digest()[:8], "big") % (hi - lo + 1)
+                      for rid in rounds]
+        elif self.behavior == "constant":
+            values = [lo] * len(rounds)
+        else:
+            out = np.asarray(self.predict_proba(rows), dtype=np.float64).reshape(-1)
+            values = [int(v) for v in np.rint(np.clip(out * VALUE_ONE, -MAX_VALUE, MAX_VALUE))]
+            if self.behavior == "wrong":
+                values = [min(MAX_VALUE, v + (hi - lo) // 2) for v in values]
+        return [(v, ()) for v in values]
+
+
+def _trained_on(path: str) -> tuple[bytes, int] | None:
+    """What ``python -m p2pml.model train`` wrote beside a model file: the Merkle root and
+    count of its training rows (None: the task's training split, as a built-in kind)."""
+    import json
+
+    side = Path(path + ".card.json")
+    if not side.exists():
+        return None
+    try:
+        doc = json.loads(side.read_text())
+        return bytes.fromhex(doc["data_root"]), int(doc["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{side}: not a card written by python -m p2pml.model train ({exc})") from None
 
 
 class _Training:
-    """The fast path's parameters for ``kind``, trained and checked in a child process started
-    at once; ``result()`` waits for them: None (with the reason logged) if it has none or fails,
-    and the caller trains here instead."""
+    """The fast path's parameters and the card for ``kind``, trained and checked in a child
+    process started at once; ``result()`` waits for them: None (with the reason logged) if it
+    has none or fails, and the caller trains here instead."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, source: TaskSource | None = None):
+        import json
+
         self.kind = kind
         # the same p2pml as ours, whatever the working directory
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        args = [sys.executable, "-m", "p2pml.model", kind]
+        if source is not None:
+            args += ["--task", json.dumps(source.describe())]
         try:
             self._child: subprocess.Popen | None = subprocess.Popen(
-                [sys.executable, "-m", "p2pml.model", kind], stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+                args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
             self._failed = ""
         except OSError as exc:
             self._child, self._failed = None, str(exc)
@@ -665,7 +791,7 @@ class _Training:
             child.kill()
             child.communicate()
 
-    def result(self) -> tuple[str, dict] | None:
+    def result(self):
         kind, child = self.kind, self._child
         if child is None:
             log.warning("%s: training in a child process failed (%s); training here", kind, self._failed)
@@ -677,41 +803,62 @@ class _Training:
             child.communicate()
             log.warning("%s: training in a child process took over %d s; training here", kind, CHILD_TIMEOUT_S)
             return None
+        self._child = None
+        if child.returncode == 3:  # no fast path for this kind and task: scikit-learn's own, here
+            return None
         if child.returncode != 0:
             log.warning("%s: training in a child process failed (exit %d: %s); training here", kind,
                         child.returncode, stderr.decode(errors="replace").strip()[-500:])
             return None
-        self._child = None
         try:
-            found = _unpack(stdout)
+            found, card = _unpack(stdout)
             _PROBA[found[0]](found[1], None)  # every parameter it needs is there
-            return found
+            return found, card
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with them, train here instead
             log.warning("%s: the child's parameters are unusable (%s); training here", kind, exc)
             return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m p2pml.model KIND``: train KIND and write its fast path's parameters (.npz)
-    to stdout; exit 3 if it has none equal to scikit-learn's."""
+    """``python -m p2pml.model KIND [--task JSON]``: train KIND and write its fast path's
+    parameters and its card (.npz) to stdout; exit 3 if it has none equal to scikit-learn's.
+    ``python -m p2pml.model train ...``: write a model file (see ``p2pml.train``)."""
+    import json
+
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["train"]:
+        from p2pml.train import main as train_main
+
+        return train_main(args[1:])
+    source = None
+    if len(args) == 3 and args[1] == "--task":
+        try:
+            source = TaskSource(**json.loads(args[2]))
+        except (TypeError, ValueError) as exc:
+            print(f"error: bad --task: {exc}", file=sys.stderr)
+            return 2
+        args = args[:1]
     if len(args) != 1:
-        print("usage: python -m p2pml.model KIND", file=sys.stderr)
+        print("usage: python -m p2pml.model KIND [--task JSON] | train ...", file=sys.stderr)
         return 2
     try:
-        _, _, found = train_fast(args[0])
+        estimator, slow, found = train_fast(args[0], source)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if found is None:
         print(f"{args[0]}: no fast path equal to scikit-learn's", file=sys.stderr)
         return 3
-    sys.stdout.buffer.write(_pack(*found))
+    from p2pml import modelfile
+
+    data = cached(source)
+    card = card_for("builtin", args[0], modelfile.params_hash(estimator), data, score_bps(slow, data))
+    sys.stdout.buffer.write(_pack(*found, card))
     return 0
 
 
-def one_hot(label: int) -> tuple[int, ...]:
-    return tuple(PROBA_ONE if c == label else 0 for c in range(len(CLASSES)))
+def one_hot(label: int, n: int = 3) -> tuple[int, ...]:
+    return tuple(PROBA_ONE if c == label else 0 for c in range(n))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,8 @@ GENESIS_FILE = "genesis.json"
 
 def describe(genesis: Genesis) -> dict:
     """What ``genesis.json`` holds: the id and what it was computed from."""
-    return {"id": genesis.id().hex(), "version": LEDGER_VERSION,
-            "slots": [{"name": s.name, "model": s.model, "key": s.key.hex() if s.key else None}
-                      for s in genesis.slots]}
+    return {"id": genesis.id().hex(), "version": LEDGER_VERSION, "task": genesis.task.canonical(),
+            "slots": [{"name": s.name, "key": s.key.hex() if s.key else None} for s in genesis.slots]}
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
@@ -40,12 +39,18 @@ def differences(recorded: dict, current: dict) -> list[str]:
     out = []
     if recorded.get("version") != current["version"]:
         out.append(f"ledger version {recorded.get('version')} then, {current['version']} now")
+    old_task, new_task = recorded.get("task") or {}, current["task"]
+    if not isinstance(old_task, dict):
+        old_task = {}
+    for field in sorted(new_task):
+        if old_task.get(field) != new_task[field]:
+            out.append(f"task {field}: {str(old_task.get(field))[:60]} then, {str(new_task[field])[:60]} now")
     old = {s["name"]: s for s in recorded.get("slots", [])}
     new = {s["name"]: s for s in current["slots"]}
     out += [f"peer {n!r} added" for n in new if n not in old]
     out += [f"peer {n!r} removed" for n in old if n not in new]
     for n in new.keys() & old.keys():
-        for field in ("model", "key"):
+        for field in ("key",):
             if old[n].get(field) != new[n][field]:
                 out.append(f"peer {n!r}: {field} {old[n].get(field)} then, {new[n][field]} now")
     if not out and [s["name"] for s in recorded.get("slots", [])] != [s["name"] for s in current["slots"]]:
@@ -96,6 +101,8 @@ def pin_keys(net: NetworkConfig, data_root: Path, path: Path) -> Path:
     """Make (or load) every unpinned peer's key in ``data_root/NAME``, and write a copy of the
     network file to ``path`` with every seat pinned to its key."""
     lines = ["[network]"] + [f"{k} = {getattr(net, k)}" for k in NETWORK_SETTINGS]
+    if net.task_source is not None:
+        lines += ["", "[task]"] + [f"{k} = {json.dumps(v)}" for k, v in net.task_source.describe().items()]
     for peer in net.peers:
         key = peer.key
         if key is None:
@@ -104,8 +111,8 @@ def pin_keys(net: NetworkConfig, data_root: Path, path: Path) -> Path:
                 key = Identity.from_seed(data.load_or_create_seed(lambda: Identity.generate().seed())).key
             finally:
                 data.close()
-        lines += ["", "[[peer]]", f'name = "{peer.name}"', f'host = "{peer.host}"', f"port = {peer.port}",
-                  f'model = "{peer.model}"', f'key = "{key.hex()}"']
+        lines += ["", "[[peer]]", f"name = {json.dumps(peer.name)}", f"host = {json.dumps(peer.host)}",
+                  f"port = {peer.port}", f"model = {json.dumps(peer.model)}", f'key = "{key.hex()}"']
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -13,6 +13,7 @@ import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import msgpack
 import numpy as np
@@ -21,7 +22,6 @@ from p2pml.config import NetworkConfig, PeerConfig
 from p2pml.events import changes, snapshot
 from p2pml.gossip import Gossip, Holdings, Scores
 from p2pml.ledger import (
-    CLASSES,
     DEPOSIT,
     INITIAL_WEIGHT,
     NOT_A_MEMBER,
@@ -33,6 +33,8 @@ from p2pml.ledger import (
     Query,
     Register,
     Reveal,
+    Update,
+    VALUE_ONE,
     Votes,
     commitment,
     is_active,
@@ -49,6 +51,7 @@ from p2pml.wire import (
     MAX_ITEMS,
     MAX_LAMPORT,
     Identity,
+    Shape,
     Signed,
     Verifier,
     WireError,
@@ -103,7 +106,9 @@ class Node:
         self.net, self.me, self.data = net, me, data
         self.genesis = net.genesis()
         self.genesis_id = self.genesis.id()
-        self.verifier = Verifier(self.genesis_id)
+        self.task = self.genesis.task
+        self.shape = Shape.of(self.task)
+        self.verifier = Verifier(self.genesis_id, self.shape)
         check_data_dir(data, self.genesis, self.verifier)  # not a data dir of another network
         seed = data.load_or_create_seed(lambda: Identity.generate().seed())
         self.identity = Identity.from_seed(seed)
@@ -111,7 +116,8 @@ class Node:
         self.ledger = Ledger(self.genesis)
         # the latest 2 x rounds_in_memory envelopes in memory, older ones read back from the log
         self.holdings = Holdings(2 * net.rounds_in_memory, self._read_logged, lambda: data.durable_end)
-        self.model = Model(me.model, behavior, self.identity.key, separate=True)
+        self.model = Model(me.model, behavior, self.identity.key, separate=True,
+                           source=net.task_source, task=self.task)
         self.scores = Scores(net.invalid_message_limit, net.ignore_ms / 1000)
         self.gossip = Gossip(me.name, [p for p in net.peers if p.name != me.name], self.holdings,
                              self.ingest, net.request_timeout_ms, net.anti_entropy_interval_ms,
@@ -185,9 +191,12 @@ class Node:
                 for issuer, queue in list(self._to_vote.items()):  # nothing to vote on there
                     self._to_vote[issuer] = collections.deque(
                         item for item in queue if not self.ledger.is_pruned(item[0]))
+        self.model.finish()  # its card goes into the registration
         if not self.ledger.is_registered(self.identity.key):
-            self._hold(self.identity.sign(self.genesis_id, Register(self.me.name, self.me.model, DEPOSIT)))
+            self._hold(self._sign(Register(self.me.name, self.model.card, DEPOSIT)))
             self.data.commit_now()
+        else:
+            self._update_card()
         if self.ledger.stale:  # the log holds messages that came long after their rounds
             ids = self.holdings.id_view()
             self.ledger = replay(self.genesis, len(ids), lambda i: self._held_message(ids[i]), keep)
@@ -211,6 +220,21 @@ class Node:
                  self.ledger.root()[:16])
         self._logged = snapshot(self.ledger.state)  # what the log has been told (_log_events)
         self._check_seat()
+
+    def _sign(self, body) -> Signed:
+        return self.identity.sign(self.genesis_id, body, self.shape)
+
+    def _update_card(self) -> None:
+        """Started with another model than the card in force says: sign a new card, naming the
+        last one, in force from the next round on (every vote counts under the card in force)."""
+        card = self.model.card
+        current = self.ledger.state.card(self.id)
+        if current is None or current == replace(card, previous=current.previous):
+            return
+        self._hold(self._sign(Update(self._next_lamport(), replace(card, previous=current.id()))))
+        self.data.commit_now()
+        log.info("model changed to %s %s (params %s): signed a new card after %s", card.framework,
+                 card.model, card.params.hex()[:16], current.id().hex()[:16])
 
     def _check_seat(self) -> None:
         """An unpinned seat goes to the registration with the lowest id: another process that
@@ -348,6 +372,9 @@ class Node:
                 self._announce = [signed.raw]  # sent again to each peer as it comes up
             if body.name == self.me.name and not self._loading:
                 self._check_seat()
+        elif isinstance(body, Update):
+            if msg.author == self.identity.key:
+                self._announce = self._announce[:1] + [signed.raw]
         elif isinstance(body, Query):
             rounds = [(round_id(msg.id, i), row, msg.author) for i, row in enumerate(body.items)]
             if self.model.behavior == "copycat":
@@ -555,8 +582,9 @@ class Node:
             if self.net.batch_window_ms:
                 await asyncio.sleep(self.net.batch_window_ms / 1000)
             while self._queries:
-                batch = [(row, fut) for row, fut in self._queries[:MAX_ITEMS] if not fut.done()]
-                del self._queries[:MAX_ITEMS]
+                most = self.shape.max_rows  # a query must fit in one message
+                batch = [(row, fut) for row, fut in self._queries[:most] if not fut.done()]
+                del self._queries[:most]
                 if not batch:  # their clients gave up (503 or gone): no round for them
                     continue
                 try:
@@ -564,7 +592,7 @@ class Node:
                     votes = await self._own_votes(lamport, rows)
                     if self.key_conflict:  # found out during the model call: commit to nothing
                         votes = []
-                    signed = self.identity.sign(self.genesis_id, Query(
+                    signed = self._sign(Query(
                         lamport, rows, tuple(digest for _, _, digest in votes)))
                     expected = self.expected_voters()
                     rids = [round_id(signed.msg.id, i) for i in range(len(rows))]
@@ -697,7 +725,7 @@ class Node:
         if not commits and not reveals:
             return
         lamport = self._next_lamport()
-        signed = self.identity.sign(self.genesis_id, Votes(lamport, tuple(commits), tuple(reveals)))
+        signed = self._sign(Votes(lamport, tuple(commits), tuple(reveals)))
         for r in reveals:  # signed: they are made (if publishing fails now, a restart redoes them)
             self._own.pop(r.round, None)
         if behavior == "equivocate" and commits:
@@ -751,9 +779,13 @@ class Node:
         labels = self.ledger.revealed_labels(rid)
         if not labels or self.ledger.commits_of(self.identity.key, rid):
             return []
-        label = max(range(len(CLASSES)), key=lambda c: (labels.count(c), -c))
-        self._own[rid] = (label, one_hot(label), issuer, frozenset())
-        return [Commit(rid, commitment(self.identity.key, rid, label, one_hot(label), self.identity.salt(rid)))]
+        if self.task.regression:
+            label, proba = sorted(labels)[(len(labels) - 1) // 2], ()
+        else:
+            label = max(range(len(self.task.classes)), key=lambda c: (labels.count(c), -c))
+            proba = one_hot(label, len(self.task.classes))
+        self._own[rid] = (label, proba, issuer, frozenset())
+        return [Commit(rid, commitment(self.identity.key, rid, label, proba, self.identity.salt(rid)))]
 
     def _equivocate(self, lamport: int, commits: list[Commit]) -> None:
         """Misbehaviour, for tests and demos: a conflicting commit on every round, signed and
@@ -763,9 +795,13 @@ class Node:
         evil = []
         for c in commits:
             label = self._own[c.round][0]
-            other = (label + 1) % len(CLASSES)
-            evil.append(Commit(c.round, commitment(me, c.round, other, one_hot(other), self.identity.salt(c.round))))
-        signed = self.identity.sign(self.genesis_id, Votes(lamport, tuple(evil), ()))
+            if self.task.regression:
+                other, proba = label + 1, ()
+            else:
+                other = (label + 1) % len(self.task.classes)
+                proba = one_hot(other, len(self.task.classes))
+            evil.append(Commit(c.round, commitment(me, c.round, other, proba, self.identity.salt(c.round))))
+        signed = self._sign(Votes(lamport, tuple(evil), ()))
         self.gossip.send_to(set(names[len(names) // 2:]), [signed.raw])
 
     # -- queries --------------------------------------------------------------------------------
@@ -812,6 +848,18 @@ class Node:
             del self._waiters[rid]
         return self.answer(rid, query_id)
 
+    def own_answer(self, row: tuple[float, ...]) -> dict:
+        """This node's own model's answer on ``row`` (what it would vote if honest): opens no
+        round and changes nothing."""
+        if self.model.predict_proba is None:  # pragma: no cover - finished in __init__
+            raise Unavailable("the model is not loaded yet")
+        answer = self.model.own(np.array([row], dtype=np.float64))[0]
+        held = self.ledger.last_state.card(self.id)  # the card in force, if it is this model's
+        card = held if held and replace(held, previous=b"") == self.model.card else self.model.card
+        return {**answer, "peer": self.id, "name": self.me.name, "model": card.model,
+                "behavior": self.model.behavior,
+                "card": {**card.canonical(), "id": card.id().hex()} if card else None}
+
     def round_view(self, rid: bytes) -> dict | None:
         """How this node's ledger decided a round (None: no query for it is held)."""
         if rid not in self.ledger.queries and not self.ledger.is_pruned(rid):
@@ -827,7 +875,8 @@ class Node:
     def answer(self, rid: bytes, query_id: bytes | None) -> dict:
         outcome = self.ledger.outcome(rid)  # settles the rounds up to this one only
         state = self.ledger.last_state  # for names: a seat keeps its name
-        power_sum, proba_sum = 0, [0] * len(CLASSES)
+        classes = self.task.classes
+        power_sum, proba_sum = 0, [0] * len(classes)
         for cv in outcome.votes if outcome else ():
             power = cv.stake * cv.weight
             power_sum += power
@@ -841,10 +890,10 @@ class Node:
         missing = sorted([p.name for pid, p in state.peers.items() if is_active(p) and pid not in counted]
                          + [cfg.name for cfg in self.net.peers if cfg.name not in named])
         consensus = outcome.consensus if outcome else None
-        probabilities = ({c: round(proba_sum[i] / power_sum / 1e6, 6) for i, c in enumerate(CLASSES)}
-                         if power_sum else None)
+        probabilities = ({c: round(proba_sum[i] / power_sum / 1e6, 6) for i, c in enumerate(classes)}
+                         if power_sum and classes else None)
         return {
-            "prediction": CLASSES[consensus] if consensus is not None else None,
+            "prediction": self._prediction(consensus),
             "probabilities": probabilities,
             "round": rid.hex(),
             "query": query_id.hex() if query_id else None,
@@ -858,16 +907,26 @@ class Node:
             "answered_by": self.id,
         }
 
+    def _prediction(self, consensus: int | None):
+        """A class name, or for regression a number (the vote's VALUE_ONE units undone)."""
+        if consensus is None:
+            return None
+        return consensus / VALUE_ONE if self.task.regression else self.task.classes[consensus]
+
     def _vote_view(self, state, cv) -> dict:
         peer = state.peers[cv.peer]
-        return {
-            "peer": cv.peer, "name": peer.name, "model": peer.model,
-            "prediction": CLASSES[cv.label],
-            "probabilities": {c: p / PROBA_ONE for c, p in zip(CLASSES, cv.proba)},
+        card = state.card_by_id(cv.peer, cv.card)
+        view = {
+            "peer": cv.peer, "name": peer.name, "model": card.model if card else None,
+            "card": cv.card.hex(),
+            "prediction": self._prediction(cv.label),
             "weight": cv.weight, "stake": cv.stake,
             "message": cv.message.hex(), "signature": self.signature_of(cv.message).hex(),
             "commit": cv.commit.hex(),
         }
+        if not self.task.regression:
+            view["probabilities"] = {c: p / PROBA_ONE for c, p in zip(self.task.classes, cv.proba)}
+        return view
 
     def _read_logged(self, offset: int) -> bytes | None:
         try:
@@ -896,7 +955,7 @@ class Node:
             return None
         key, body, sig = msgpack.unpackb(raw)
         return {"id": mid.hex(), "author": peer_id(key), "key": key.hex(), "body": body.hex(),
-                "signature": sig.hex(), "type": type(decode_body(body)).__name__.lower(),
+                "signature": sig.hex(), "type": type(decode_body(body, self.shape)).__name__.lower(),
                 "envelope": raw.hex()}
 
     # -- the ledger view ------------------------------------------------------------------------
@@ -906,6 +965,7 @@ class Node:
         view = state.canonical()
         view["root"] = self.ledger.root()
         view["genesis"] = self.genesis_id.hex()
+        view["task"] = self.task.canonical()
         view["messages"] = len(self.holdings)
         view["lamport"] = self.ledger.lamport
         # whether a message on a round folded for good is not counted yet (being rebuilt)

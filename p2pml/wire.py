@@ -21,13 +21,25 @@ import msgpack
 import nacl.bindings
 import nacl.exceptions
 
-from p2pml.ledger import CLASSES, PROBA_ONE, Commit, Message, Query, Register, Reveal, Votes
+from p2pml.ledger import (
+    IRIS,
+    MAX_VALUE,
+    PROBA_ONE,
+    Card,
+    Commit,
+    Message,
+    Query,
+    Register,
+    Reveal,
+    Task,
+    Update,
+    Votes,
+)
 
 DOMAIN = b"p2pml/v1/message\x00"
 LINK_DOMAIN = b"p2pml/v1/link\x00"  # a proof of who opens a connection, never a message
 LINK_PROOF_MAX_AGE_S = 300  # a link proof older (or newer) than this is not believed
 
-N_FEATURES = 4
 KEY_BYTES = 32
 SIG_BYTES = 64
 ROUND_BYTES = 16
@@ -41,7 +53,30 @@ MAX_BATCH_MESSAGES = 1024  # envelopes per gossip batch (POST or frame): bounds 
 MAX_BATCH_BYTES = MAX_BATCH_MESSAGES * 2 * 1024  # a gossip batch; larger is refused unread
 MAX_NAME_CHARS = 64
 MAX_LAMPORT = 2**53  # keeps lamport clocks exact in any JSON reader
-FEATURE_RANGE = (0.0, 100.0)  # centimetres; Iris is well inside, and float32 models stay finite
+FEATURE_RANGE = (0.0, 100.0)  # Iris's, in centimetres (another task's: its Task.feature_range)
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a network's messages look like, from its task: the features of a row, and a vote
+    as a class index with one probability per class, or (``n_classes`` 0) a value."""
+
+    n_features: int
+    n_classes: int
+    feature_range: tuple[float, float]
+
+    @classmethod
+    def of(cls, task: Task) -> Shape:
+        lo, hi = task.feature_range
+        return cls(len(task.features), 0 if task.regression else len(task.classes), (float(lo), float(hi)))
+
+    @property
+    def max_rows(self) -> int:
+        """Rows per query that fit in MAX_BODY_BYTES (9 bytes a feature, 33 a commit)."""
+        return max(1, min(MAX_ITEMS, (MAX_BODY_BYTES - 64) // (9 * self.n_features + 3 + 35)))
+
+
+IRIS_SHAPE = Shape.of(IRIS)
 
 
 # What msgpack raises for bad input: ValueError (and its subclasses) or UnpackException.
@@ -97,9 +132,27 @@ def message_id(genesis_id: bytes, key: bytes, body: bytes) -> bytes:
 # -- bodies ----------------------------------------------------------------------------------
 
 
-def encode_body(body: Register | Query | Votes) -> bytes:
+def _card_fields(card: Card) -> list:
+    return [card.framework, card.model, card.params, card.data_root, card.rows, card.score_bps,
+            card.previous]
+
+
+def _card(fields) -> Card:
+    framework, model, params, data_root, rows, score, previous = _list(fields, "model card", 7, 7)
+    if type(previous) is not bytes or len(previous) not in (0, DIGEST_BYTES):
+        raise WireError("a card's previous is empty or a card id (32 bytes)")
+    return Card(_str(framework, "framework"), _str(model, "model", 2 * MAX_NAME_CHARS),
+                _bytes(params, "a card's params hash", DIGEST_BYTES),
+                _bytes(data_root, "a card's data root", DIGEST_BYTES),
+                _int(rows, "training rows", 0, MAX_VALUE), _int(score, "score_bps", -MAX_VALUE, 10_000),
+                previous)
+
+
+def encode_body(body: Register | Query | Votes | Update) -> bytes:
     if isinstance(body, Register):
-        return pack(["register", body.name, body.model, body.deposit])
+        return pack(["register", body.name, _card_fields(body.card), body.deposit])
+    if isinstance(body, Update):
+        return pack(["update", body.lamport, _card_fields(body.card)])
     if isinstance(body, Query):
         fields = ["query", body.lamport, [list(item) for item in body.items]]
         if body.commits:  # absent rather than empty: one encoding per content
@@ -135,24 +188,24 @@ def _bytes(value, name: str, size: int) -> bytes:
     return value
 
 
-def _str(value, name: str) -> str:
-    if type(value) is not str or not 0 < len(value) <= MAX_NAME_CHARS:
-        raise WireError(f"{name} must be a string of 1 to {MAX_NAME_CHARS} characters")
+def _str(value, name: str, most: int = MAX_NAME_CHARS) -> str:
+    if type(value) is not str or not 0 < len(value) <= most:
+        raise WireError(f"{name} must be a string of 1 to {most} characters")
     return value
 
 
-def check_features(row) -> tuple[float, ...]:
-    """A feature row: exactly N_FEATURES finite floats within FEATURE_RANGE."""
-    if type(row) not in (list, tuple) or len(row) != N_FEATURES:
-        raise WireError(f"a feature row must have {N_FEATURES} numbers")
-    lo, hi = FEATURE_RANGE
+def check_features(row, shape: Shape = IRIS_SHAPE) -> tuple[float, ...]:
+    """A feature row: exactly the task's number of finite floats, within its feature range."""
+    if type(row) not in (list, tuple) or len(row) != shape.n_features:
+        raise WireError(f"a feature row must have {shape.n_features} numbers")
+    lo, hi = shape.feature_range
     for x in row:
         if type(x) is not float or not math.isfinite(x) or not lo <= x <= hi:
             raise WireError(f"features must be finite floats in [{lo:g}, {hi:g}], got {x!r:.40}")
     return tuple(row)
 
 
-def decode_body(data: bytes) -> Register | Query | Votes:
+def decode_body(data: bytes, shape: Shape = IRIS_SHAPE) -> Register | Query | Votes | Update:
     try:
         obj = msgpack.unpackb(
             data, use_list=True, raw=False, strict_map_key=True,
@@ -164,8 +217,9 @@ def decode_body(data: bytes) -> Register | Query | Votes:
     fields = _list(obj, "body", 1, 5)
     kind = fields[0]
     if kind == "register" and len(fields) == 4:
-        body = Register(_str(fields[1], "name"), _str(fields[2], "model"),
-                        _int(fields[3], "deposit", 0, 2**63))
+        body = Register(_str(fields[1], "name"), _card(fields[2]), _int(fields[3], "deposit", 0, 2**63))
+    elif kind == "update" and len(fields) == 3:
+        body = Update(_int(fields[1], "lamport", 1, MAX_LAMPORT), _card(fields[2]))
     elif kind == "query" and len(fields) in (3, 4):
         items = _list(fields[2], "query items", 1, MAX_ITEMS)
         commits = ()
@@ -173,9 +227,9 @@ def decode_body(data: bytes) -> Register | Query | Votes:
             commits = tuple(_bytes(c, "a query's commit", DIGEST_BYTES)
                             for c in _list(fields[3], "query commits", len(items), len(items)))
         body = Query(_int(fields[1], "lamport", 1, MAX_LAMPORT),
-                     tuple(check_features(row) for row in items), commits)
+                     tuple(check_features(row, shape) for row in items), commits)
     elif kind == "votes" and len(fields) == 5:
-        body = _votes_fast(*fields[1:]) or _decode_votes(*fields[1:])
+        body = _votes_fast(*fields[1:], shape.n_classes) or _decode_votes(*fields[1:], shape.n_classes)
     else:
         raise WireError(f"unknown body kind {str(kind)[:20]!r} with {len(fields)} fields")
     # Canonical: the decoded fields re-packed give the very same bytes. (With the checks above,
@@ -200,7 +254,7 @@ def shared(value):
     return found
 
 
-def _votes_fast(lamport, commits, reveals, keys) -> Votes | None:
+def _votes_fast(lamport, commits, reveals, keys, n_classes: int) -> Votes | None:
     """``_decode_votes`` for a well-formed message, in one tight pass (decoding was the largest
     cost per message after the signature); None at the first doubt, and then
     ``_decode_votes`` finds and names the problem."""
@@ -231,7 +285,8 @@ def _votes_fast(lamport, commits, reveals, keys) -> Votes | None:
             return None
         rid, label, proba, salt, seen = r
         if (type(rid) is not bytes or len(rid) != ROUND_BYTES or type(label) is not int
-                or not 0 <= label < len(CLASSES) or type(proba) is not list or len(proba) != len(CLASSES)
+                or not (0 <= label < n_classes if n_classes else -MAX_VALUE <= label <= MAX_VALUE)
+                or type(proba) is not list or len(proba) != n_classes
                 or type(salt) is not bytes or len(salt) != SALT_BYTES or type(seen) is not list):
             return None
         for p in proba:
@@ -250,7 +305,7 @@ def _votes_fast(lamport, commits, reveals, keys) -> Votes | None:
     return Votes(lamport, tuple(out_commits), tuple(out_reveals))
 
 
-def _decode_votes(lamport, commits, reveals, keys) -> Votes:
+def _decode_votes(lamport, commits, reveals, keys, n_classes: int) -> Votes:
     keys = [shared(_bytes(k, "a seen key", KEY_BYTES)) for k in _list(keys, "seen keys", 0, MAX_ITEMS)]
     if any(a >= b for a, b in itertools.pairwise(keys)):
         raise WireError("seen keys must be sorted and distinct")
@@ -262,12 +317,13 @@ def _decode_votes(lamport, commits, reveals, keys) -> Votes:
     out_reveals = []
     for r in _list(reveals, "reveals", 0, MAX_ITEMS):
         rid, label, proba, salt, seen = _list(r, "reveal", 5, 5)
-        proba = _list(proba, "probabilities", len(CLASSES), len(CLASSES))
+        proba = _list(proba, "probabilities", n_classes, n_classes)
         seen = [_int(i, "a seen index", 0, len(keys) - 1) for i in _list(seen, "seen", 0, len(keys))]
         if any(a >= b for a, b in itertools.pairwise(seen)):
             raise WireError("seen indices must be increasing")
         out_reveals.append(Reveal(
-            _bytes(rid, "a reveal's round", ROUND_BYTES), _int(label, "label", 0, len(CLASSES) - 1),
+            _bytes(rid, "a reveal's round", ROUND_BYTES),
+            _int(label, "label", 0, n_classes - 1) if n_classes else _int(label, "value", -MAX_VALUE, MAX_VALUE),
             tuple(_int(p, "probability", 0, PROBA_ONE) for p in proba),
             _bytes(salt, "a salt", SALT_BYTES), shared(frozenset(keys[i] for i in seen))))
     if not out_commits and not out_reveals:
@@ -321,11 +377,12 @@ class Identity:
         sig = self._sign(_link_bytes(genesis_id, sender, receiver, unix_time))
         return f"{unix_time}.{sig.hex()}"
 
-    def sign(self, genesis_id: bytes, body: Register | Query | Votes) -> Signed:
+    def sign(self, genesis_id: bytes, body: Register | Query | Votes | Update,
+             shape: Shape = IRIS_SHAPE) -> Signed:
         """Sign ``body``; raises WireError for anything peers would reject, so a node never
         holds a message of its own that nobody else would accept."""
         data = encode_body(body)
-        decode_body(data)
+        decode_body(data, shape)
         sig = self._sign(_signing_bytes(genesis_id, self.key, data))
         msg = Message(message_id(genesis_id, self.key, data), self.key, body)
         return Signed(msg, pack([self.key, data, sig]))
@@ -337,8 +394,9 @@ class Verifier:
     the largest CPU cost per message. libsodium also refuses keys that are not valid curve
     points of full order (``cryptography`` took any 32 bytes)."""
 
-    def __init__(self, genesis_id: bytes):
+    def __init__(self, genesis_id: bytes, shape: Shape = IRIS_SHAPE):
         self.genesis_id = genesis_id
+        self.shape = shape
 
     def open(self, raw: bytes) -> Signed:
         """Decode one envelope: shape, then signature, then body. Raises WireError."""
@@ -353,7 +411,7 @@ class Verifier:
         """An envelope that ``open`` accepted before, decoded again without checking the
         signature a second time (a ledger rebuilt from what this node holds)."""
         key, body, _ = msgpack.unpackb(raw)
-        return Message(message_id(self.genesis_id, key, body), shared(key), decode_body(body))
+        return Message(message_id(self.genesis_id, key, body), shared(key), decode_body(body, self.shape))
 
     def open_fields(self, env, raw: bytes | None = None, is_known=None) -> Signed | None:
         """Check one decoded envelope; None if ``is_known(id)`` (a duplicate costs no verify)."""
@@ -372,7 +430,7 @@ class Verifier:
             nacl.bindings.crypto_sign_open(sig + signed, key)
         except nacl.exceptions.BadSignatureError:
             raise WireError("bad signature") from None
-        msg = Message(mid, shared(key), decode_body(body))
+        msg = Message(mid, shared(key), decode_body(body, self.shape))
         return Signed(msg, raw if raw is not None else pack(env))
 
 

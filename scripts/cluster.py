@@ -2,8 +2,9 @@
 
     python scripts/cluster.py [--queries N] [--byzantine K] [--keep-running]
 
-Starts the peers of peers.toml as separate processes, sends N Iris rows to random peers, then
-prints one line per peer and whether all ledger roots agree. Exits 1 if they do not, 2 if a
+Starts the peers of peers.toml (or --peers FILE, any task) as separate processes, sends N of
+the task's held-out rows to random peers, then prints the consensus' accuracy (for a regression:
+its mean absolute error and R^2), one line per peer and whether all ledger roots agree. Exits 1 if they do not, 2 if a
 peer fails to start (its port is taken, its config is wrong: the error and its log say which).
 SIGINT, SIGTERM and SIGHUP stop every peer; a temporary data dir is removed at the end.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sklearn.datasets import load_iris
+import numpy as np
 from tqdm import tqdm
 
 from p2pml.cluster import LocalCluster, get_json
@@ -47,9 +48,11 @@ def main() -> int:
     if args.queries < 0:
         ap.error("--queries must be 0 or more")
     try:
-        names = [p.name for p in load(args.peers).peers]
+        net = load(args.peers)
     except ConfigError as exc:
         ap.error(str(exc))
+    names = [p.name for p in net.peers]
+    args.task_data = net.task_data()
     if not 0 <= args.byzantine <= len(names):
         ap.error(f"--byzantine must be between 0 and {len(names)}")
     if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
@@ -107,14 +110,18 @@ def print_failed_logs(cluster: LocalCluster, lines: int = 5) -> None:
 
 
 def run(cluster: LocalCluster, args) -> int:
-    iris = load_iris()
+    data = args.task_data
+    task = data.spec
+    x, y = data.held_out()
     rng = random.Random(args.seed)
-    right = answered = failed = 0
-    votes_seen = []
+    answered = failed = 0
+    votes_seen, truth, got = [], [], []
+    print(f"task: {task.name} ({task.kind}, {len(task.features)} features"
+          + (f", {len(task.classes)} classes" if task.classes else "") + f"), {len(x)} held-out rows")
     for _ in tqdm(range(args.queries), desc="queries", unit="q"):
-        i = rng.randrange(len(iris.target))
+        i = rng.randrange(len(y))
         name = rng.choice(cluster.names)
-        features = ",".join(f"{x:g}" for x in iris.data[i])
+        features = ",".join(repr(float(v)) for v in x[i])
         try:
             result = get_json(f"{cluster.url(name)}/predict?features={features}")
         except (OSError, urllib.error.URLError, ValueError) as exc:
@@ -122,7 +129,8 @@ def run(cluster: LocalCluster, args) -> int:
             tqdm.write(f"query to {name} failed: {exc}")
             continue
         answered += 1
-        right += result["prediction"] == iris.target_names[iris.target[i]]
+        truth.append(float(y[i]) if task.regression else task.classes[int(y[i])])
+        got.append(result["prediction"])
         votes_seen.append(len(result["votes"]))
     t0 = time.monotonic()
     ledgers = cluster.wait_converged(timeout=15, strict=False)
@@ -131,7 +139,13 @@ def run(cluster: LocalCluster, args) -> int:
     agree = len(roots) == 1 and len(ledgers) == len(cluster.names)
     print()
     if answered:
-        print(f"answered {answered}/{args.queries} queries, consensus accuracy {right / answered:.1%}, "
+        if task.regression:
+            t, g = np.array(truth), np.array(got, dtype=np.float64)
+            r2 = 1 - ((t - g) ** 2).sum() / (((t - t.mean()) ** 2).sum() or 1.0)
+            quality = f"consensus MAE {np.abs(t - g).mean():.4g}, R² {r2:.3f}"
+        else:
+            quality = f"consensus accuracy {sum(a == b for a, b in zip(truth, got)) / answered:.1%}"
+        print(f"answered {answered}/{args.queries} queries, {quality}, "
               f"votes per answer: min {min(votes_seen)}, mean {sum(votes_seen) / len(votes_seen):.1f}")
     if failed:
         print(f"{failed} queries failed")
@@ -145,7 +159,8 @@ def run(cluster: LocalCluster, args) -> int:
         behavior = cluster.behaviors.get(p["name"], "honest")
         agreement = f"{p['agreed']}/{p['votes']}" + (f" {p['agreed'] / p['votes']:.0%}" if p["votes"] else "")
         status = p["status"] + (f" ({p['reason']})" if p["reason"] else "")
-        print(f"{p['name']:<6} {p['model']:<20} {behavior:<9} {p['stake']:>6} "
+        cards = view.get("cards", {}).get(pid) or [{"model": "?"}]
+        print(f"{p['name']:<6} {cards[-1]['model'][:20]:<20} {behavior:<9} {p['stake']:>6} "
               f"{p['weight'] / WEIGHT_ONE:>7.3f} {status:<8} {agreement:>13}  {pid[:12]}")
     print(f"\nsettled rounds {view['rounds']}, burned {view['burned']}, messages {view['messages']}")
     if agree:

@@ -10,6 +10,7 @@ from p2pml.cluster import LocalCluster, free_ports, write_network
 from p2pml.config import MODEL_KINDS
 from p2pml.ledger import (
     DEPOSIT,
+    Card,
     Commit,
     Genesis,
     Query,
@@ -31,12 +32,17 @@ def one_hot(label: int) -> tuple[int, ...]:
     return tuple(1_000_000 if c == label else 0 for c in range(3))
 
 
+def card(model: str = "knn", framework: str = "builtin") -> Card:
+    """A model card as a registration carries it (hashes made up: the ledger only checks form)."""
+    return Card(framework, model, bytes(32), bytes([1]) * 32, 105, 9_500)
+
+
 class Net:
     """Five seeded identities in one genesis, and helpers that sign real messages for them."""
 
     def __init__(self, n: int = 5):
         self.ids = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(n)]
-        self.genesis = Genesis(tuple(Slot(NAMES[i], MODEL_KINDS[i]) for i in range(n)))
+        self.genesis = Genesis(tuple(Slot(NAMES[i]) for i in range(n)))
         self.gid = self.genesis.id()
         self.bound: dict[tuple[int, bytes], bytes] = {}  # (issuer, round) -> its commit's binding
 
@@ -44,7 +50,7 @@ class Net:
         return self.ids[i].sign(self.gid, body).msg
 
     def register(self, i: int, deposit: int = DEPOSIT, name: str | None = None, model: str | None = None):
-        return self.sign(i, Register(name or NAMES[i], model or MODEL_KINDS[i], deposit))
+        return self.sign(i, Register(name or NAMES[i], card(model or MODEL_KINDS[i]), deposit))
 
     def registrations(self):
         return [self.register(i) for i in range(len(self.ids))]

@@ -131,7 +131,7 @@ async def test_predict_post_rejects(node, http, body, needle):
 async def test_predict_post_wrong_type_and_size(node, http):
     status, answer = await post(http, node + "/predict", "features=1", "text/plain")
     assert status == 415 and "application/json" in answer["error"]
-    big = json.dumps({"features": [5.1, 3.5, 1.4, 0.2], "pad": "x" * 10_000})
+    big = json.dumps({"features": [5.1, 3.5, 1.4, 0.2], "pad": "x" * 20_000})
     status, answer = await post(http, node + "/predict", big)
     assert status == 413 and "error" in answer
     status, answer = await post(http, node + "/predict", b"x" * (MAX_BATCH_BYTES + 10))

@@ -94,32 +94,42 @@ def test_a_port_in_use_by_a_plain_listener_fails_the_run(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_every_stop_signal_stops_every_peer(tmp_path, sig):
-    peers = write_network(tmp_path / "peers.toml", free_ports(2))
-    (tmp_path / "tmp").mkdir()
-    script = subprocess.Popen([sys.executable, str(SCRIPT), "--peers", str(peers), "--queries", "2",
-                               "--keep-running"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+def test_every_stop_signal_stops_every_peer(tmp_path):
+    """SIGINT, SIGTERM and SIGHUP, each to a script of its own (the three run side by side):
+    every peer stops and nothing is left behind."""
+    runs = []
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            where = tmp_path / sig.name
+            (where / "tmp").mkdir(parents=True)
+            peers = write_network(where / "peers.toml", free_ports(2))
+            script = subprocess.Popen([sys.executable, str(SCRIPT), "--peers", str(peers), "--queries", "2",
+                                       "--keep-running"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, cwd=where, env={**os.environ, "TMPDIR": str(where / "tmp")})
+            runs.append((sig, where, peers, script))
         deadline = time.monotonic() + 90
-        seen = []
-        for line in script.stdout:  # bounded: the script ends or the deadline fails the test
-            seen.append(line)
-            if line.startswith("cluster is running") or time.monotonic() > deadline:
-                break
-        assert any(line.startswith("cluster is running") for line in seen), "".join(seen)
-        assert len(peers_using(peers)) == 2
-        os.kill(script.pid, sig)
-        script.wait(timeout=30)
+        for sig, _, peers, script in runs:
+            seen = []
+            for line in script.stdout:  # bounded: the script ends or the deadline fails the test
+                seen.append(line)
+                if line.startswith("cluster is running") or time.monotonic() > deadline:
+                    break
+            assert any(line.startswith("cluster is running") for line in seen), (sig.name, "".join(seen))
+            assert len(peers_using(peers)) == 2, sig.name
+        for sig, _, _, script in runs:
+            os.kill(script.pid, sig)
+        for _, _, _, script in runs:
+            script.wait(timeout=30)
     finally:
-        if script.poll() is None:
-            script.kill()
-            script.wait()
-        script.stdout.close()
-    assert script.returncode != 0
-    assert peers_using(peers) == []
-    assert leftovers(tmp_path) == []
+        for _, _, _, script in runs:
+            if script.poll() is None:
+                script.kill()
+                script.wait()
+            script.stdout.close()
+    for sig, where, peers, script in runs:
+        assert script.returncode != 0, sig.name
+        assert peers_using(peers) == [], sig.name
+        assert leftovers(where) == [], sig.name
 
 
 def test_failed_runs_leave_nothing_and_print_no_traceback(tmp_path):

@@ -250,7 +250,7 @@ def test_peer_by_port():
 def test_pinned_key_in_genesis():
     net = parse(peers_toml(ADA + f'\nkey = "{KEY_HEX}"', BO))
     assert net.peers[0].key == bytes.fromhex(KEY_HEX)
-    assert net.genesis().slots == (Slot("ada", "knn", bytes.fromhex(KEY_HEX)), Slot("bo", "svm", None))
+    assert net.genesis().slots == (Slot("ada", bytes.fromhex(KEY_HEX)), Slot("bo", None))
     # Upper-case hex is the same key.
     upper = parse(peers_toml(ADA + f'\nkey = "{KEY_HEX.upper()}"', BO))
     assert upper.genesis().id() == net.genesis().id()
@@ -266,9 +266,13 @@ def test_genesis_id_ignores_host_and_port():
     assert len(a.genesis().id()) == 32
 
 
-def test_genesis_id_depends_on_model_name_and_order():
+def test_genesis_id_depends_on_name_order_and_task_not_on_models():
+    """A member's model is in its signed card, not in the genesis: changing it makes no other
+    network. The task is in the genesis: another task is another network."""
     base = parse(peers_toml(ADA, BO)).genesis().id()
     other_model = parse(peers_toml(ADA, 'name = "bo"\nport = 8002\nmodel = "knn"')).genesis().id()
     other_name = parse(peers_toml(ADA, 'name = "bob"\nport = 8002\nmodel = "svm"')).genesis().id()
     reordered = parse(peers_toml(BO, ADA)).genesis().id()
-    assert len({base, other_model, other_name, reordered}) == 4
+    wine = parse('[task]\ndataset = "wine"\n' + peers_toml(ADA, BO)).genesis().id()
+    assert other_model == base
+    assert len({base, other_name, reordered, wine}) == 4

@@ -18,10 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("setosa", "versicolor", "virginica")  # docs/ledger.md, "Units and constants"
 
 
+IRIS = json.loads((ROOT / "tests" / "vectors" / "formats.json").read_text())["task"]  # Iris: the default task
+
+
 def genesis_id(peers_toml: Path) -> bytes:
     peers = tomllib.loads(peers_toml.read_text())["peer"]
-    slots = [[p["name"], p["model"], p.get("key")] for p in peers]
-    canon = json.dumps(["p2pml-genesis", 2, slots], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    slots = [[p["name"], p.get("key")] for p in peers]
+    canon = json.dumps(["p2pml-genesis", 3, IRIS, slots], sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=True)
     return hashlib.sha256(canon.encode()).digest()
 
 
@@ -55,7 +59,7 @@ def test_an_outsider_verifies_every_counted_vote_as_the_docs_say(make_cluster):
                      if hashlib.sha256(bytes.fromhex(answer["query"]) + i.to_bytes(4, "big")).digest()[:16].hex()
                      == answer["round"])
         rid = bytes.fromhex(answer["round"])
-        power = [0, 0, 0]
+        power = [0, 0, 0]  # the soft vote: power-weighted sums of the revealed probabilities
         for vote in answer["votes"]:
             key, body = fetch(url, vote["message"], gid)
             assert hashlib.sha256(key).digest()[:16].hex() == vote["peer"]
@@ -77,6 +81,7 @@ def test_an_outsider_verifies_every_counted_vote_as_the_docs_say(make_cluster):
             expect = hashlib.sha256(b"p2pml/commit\x00" + key + bound + bytes([label])
                                     + b"".join(p.to_bytes(4, "big") for p in proba) + salt).digest()
             assert expect == digest, vote["name"]
-            power[label] += vote["stake"] * vote["weight"]
+            for c in range(3):
+                power[c] += vote["stake"] * vote["weight"] * proba[c]
         best = max(range(3), key=lambda c: (power[c], -c))
         assert CLASSES[best] == answer["prediction"]

@@ -11,6 +11,7 @@ import pytest
 
 from p2pml.cluster import free_ports, get_json, write_network
 from p2pml.store import LOG_FILE, LOG_MAGIC
+from tests.conftest import card
 from tests.test_network import ask
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.1, 2.8, 4.7, 1.2], [7.7, 3.0, 6.1, 2.3], [5.9, 3.0, 5.1, 1.8]]
@@ -317,7 +318,7 @@ async def test_a_node_never_votes_nor_reveals_on_rounds_it_pruned(tmp_path, monk
     fd = os.open(tmp_path / "cy" / "node.key", os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, bytes([3]) * 32)
     os.close(fd)
-    raws = [ids[i].sign(gid, Register(n, MODEL_KINDS[i], DEPOSIT)).raw for i, n in enumerate(("ada", "bo"))]
+    raws = [ids[i].sign(gid, Register(n, card(MODEL_KINDS[i]), DEPOSIT)).raw for i, n in enumerate(("ada", "bo"))]
     raws += [ids[0].sign(gid, Query(n + 1, ((5.1 + n / 100, 3.5, 1.4, 0.2),))).raw for n in range(60)]
     data = DataDir(tmp_path / "cy")
     data.read_log()
@@ -381,8 +382,8 @@ async def test_a_node_does_not_vote_where_every_other_member_has_revealed(tmp_pa
         sign = net3.ids[0].sign, net3.ids[1].sign
         query = sign[0](net3.gid, Query(1, ((5.1, 3.5, 1.4, 0.2), (6.1, 2.8, 4.7, 1.2), (7.7, 3.0, 6.1, 2.3))))
         done, open_, lost = (round_id(query.msg.id, k) for k in range(3))
-        held = [sign[0](net3.gid, Register("ada", MODEL_KINDS[0], DEPOSIT)),
-                sign[1](net3.gid, Register("bo", MODEL_KINDS[1], DEPOSIT)), query]
+        held = [sign[0](net3.gid, Register("ada", card(MODEL_KINDS[0]), DEPOSIT)),
+                sign[1](net3.gid, Register("bo", card(MODEL_KINDS[1]), DEPOSIT)), query]
         held += [sign[i](net3.gid, Votes(2, net3.commits(i, [(done, 0)]), net3.reveals(i, [(done, 0)], seen=[0, 1])))
                  for i in range(2)]  # both others revealed on one round (listing no commit of ours)
         held += [sign[i](net3.gid, Votes(4, net3.commits(i, [(lost, 0)]), net3.reveals(i, [(lost, 0)])))
@@ -438,13 +439,13 @@ async def test_a_vote_that_needs_scikit_learn_does_not_stall_the_event_loop(tmp_
         assert ties, "no knn tie among the midpoints"
         real_fit = model._fit
 
-        def slow_fit(kind):
+        def slow_fit(kind, data):
             time.sleep(0.5)
-            return real_fit(kind)
+            return real_fit(kind, data)
 
         monkeypatch.setattr(model, "_fit", slow_fit)
         ada = net4.ids[0]
-        node._hold(ada.sign(net4.gid, Register("ada", MODEL_KINDS[0], DEPOSIT)))
+        node._hold(ada.sign(net4.gid, Register("ada", card(MODEL_KINDS[0]), DEPOSIT)))
         node._hold(ada.sign(net4.gid, Query(1, tuple(tuple(map(float, r)) for r in ties))))
         published, gaps = [], []
 
@@ -502,7 +503,7 @@ async def test_a_log_that_cannot_be_written_stops_intake_and_loses_nothing(tmp_p
     gid = net.genesis().id()
     ada = Identity.from_seed(bytes([1]) * 32)
     node = Node(net, peers[2], store.DataDir(tmp_path / "cy"))
-    node._hold(ada.sign(gid, Register("ada", MODEL_KINDS[0], DEPOSIT)))
+    node._hold(ada.sign(gid, Register("ada", card(MODEL_KINDS[0]), DEPOSIT)))
     node.data.commit_now()
     queries = [ada.sign(gid, Votes(n + 1, (Commit(bytes([n % 256, n // 256]) * 8, b"\x01" * 32),), ()))
                for n in range(300)]

@@ -1,4 +1,4 @@
-"""The fast fault-injection run (each fault kind once, 2 s each) against real node processes in a
+"""The fast fault-injection run (each fault kind once, 1.5 s each) against real node processes in a
 network namespace of its own; the long run is scripts/faults.py."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _faults_required():
 
 
 def test_every_fault_kind_loses_nothing_and_converges():
-    r = subprocess.run([sys.executable, "-m", "p2pml.faults", "--fault-seconds", "2", "--json"],
+    r = subprocess.run([sys.executable, "-m", "p2pml.faults", "--fault-seconds", "1.5", "--json"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.stdout.strip(), r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])

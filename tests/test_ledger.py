@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from p2pml import ledger as L
 from p2pml.ledger import Ledger
+from tests.conftest import card
 
 
 def with_members(net, n=5) -> Ledger:
@@ -42,24 +43,27 @@ def test_genesis_state_from_registrations(net):
 def test_invalid_registrations_rejected(net):
     lg = Ledger(net.genesis)
     assert "no genesis slot" in lg.add(net.register(0, name="mallory"))
-    assert "is for model" in lg.add(net.register(0, model="svm"))
+    bad_card = L.Card("pickle", "svm", bytes(32), bytes(32), 1, 1)
+    assert "framework" in lg.add(net.sign(0, L.Register("ada", bad_card, L.DEPOSIT)))
+    chained = L.Card("builtin", "svm", bytes(32), bytes(32), 1, 1, bytes(32))
+    assert "names none" in lg.add(net.sign(0, L.Register("ada", chained, L.DEPOSIT)))
     assert "deposit must be" in lg.add(net.register(0, deposit=999))
     assert lg.state.peers == {}
 
 
 def test_pinned_slot_refuses_other_keys(net):
-    pinned = L.Genesis((L.Slot("ada", "logistic_regression", net.ids[0].key),))
+    pinned = L.Genesis((L.Slot("ada", net.ids[0].key),))
     lg = Ledger(pinned)
-    m_other = net.ids[1].sign(pinned.id(), L.Register("ada", "logistic_regression", L.DEPOSIT)).msg
+    m_other = net.ids[1].sign(pinned.id(), L.Register("ada", card("logistic_regression"), L.DEPOSIT)).msg
     assert "pinned" in lg.add(m_other)
-    m_own = net.ids[0].sign(pinned.id(), L.Register("ada", "logistic_regression", L.DEPOSIT)).msg
+    m_own = net.ids[0].sign(pinned.id(), L.Register("ada", card("logistic_regression"), L.DEPOSIT)).msg
     assert lg.add(m_own) is None
     assert list(lg.state.peers) == [pid(net, 0)]
 
 
 def test_contested_slot_goes_to_lowest_message_id(net):
-    a = net.ids[0].sign(net.gid, L.Register("ada", "logistic_regression", L.DEPOSIT)).msg
-    b = net.ids[1].sign(net.gid, L.Register("ada", "logistic_regression", L.DEPOSIT)).msg
+    a = net.ids[0].sign(net.gid, L.Register("ada", card("logistic_regression"), L.DEPOSIT)).msg
+    b = net.ids[1].sign(net.gid, L.Register("ada", card("logistic_regression"), L.DEPOSIT)).msg
     winner = min((a, b), key=lambda m: m.id)
     for order in ((a, b), (b, a)):
         lg = Ledger(net.genesis)
@@ -128,6 +132,31 @@ def test_inaccurate_peer_slashed_once_per_window(net):
     assert lg.state.peers[bad].stake == L.DEPOSIT - slash  # next judgement after a full window
     for i in range(4):
         assert lg.state.peers[pid(net, i)].stake == L.DEPOSIT
+
+
+def test_each_vote_is_judged_with_itself_so_a_colluding_pair_cannot_tie_the_honest(net):
+    """Judged without its own vote, each of three honest members would face two honest votes
+    and two colluding ones: a tie, which goes to the lower class, the colluders' here. Judged
+    with it (docs/ledger.md, "judged against its vouchers and itself"), the honest keep their
+    stake and the pair loses its own."""
+    lg = with_members(net)
+    for lam in range(1, 2 * L.ACCURACY_WINDOW + 1):
+        play(net, lg, [1, 1, 1, 0, 0], lam)
+    st = lg.state
+    for i in range(3):
+        p = st.peers[pid(net, i)]
+        assert (p.stake, p.agreed, p.votes) == (L.DEPOSIT, 40, 40) and p.weight > 990_000
+    for i in (3, 4):
+        p = st.peers[pid(net, i)]
+        assert (p.agreed, p.stake) == (0, L.DEPOSIT - 100 - 90)  # two failed windows: 10%, then 10%
+
+
+def test_three_members_with_one_hostile_judge_the_honest_right(net):
+    lg = with_members(net, 3)
+    for lam in range(1, L.ACCURACY_WINDOW + 1):
+        play(net, lg, [1, 1, 0], lam)
+    st = lg.state
+    assert [st.peers[pid(net, i)].stake for i in range(3)] == [L.DEPOSIT, L.DEPOSIT, L.DEPOSIT - 100]
 
 
 def test_agreement_at_threshold_is_not_slashed(net):
@@ -246,11 +275,48 @@ def test_registration_for_a_won_seat_changes_nothing(net):
     assert lg.root() == root and lg.is_member(net.ids[0].key) and not lg.is_member(late.author)
 
 
+def oh(label, n=3):
+    return tuple(L.PROBA_ONE if c == label else 0 for c in range(n))
+
+
 def test_consensus_among_powerless_voters_is_by_count(net):
-    peers = [L.PeerState("a", "m", b"a", weight=0), L.PeerState("b", "m", b"b", weight=0),
-             L.PeerState("c", "m", b"c", weight=0)]
-    assert L.compute_consensus(list(zip(peers, [2, 2, 1]))) == 2
-    assert L.compute_consensus([(peers[0], 2)]) == 2  # never an unvoted class
+    peers = [L.PeerState("a", b"a", weight=0), L.PeerState("b", b"b", weight=0),
+             L.PeerState("c", b"c", weight=0)]
+    assert L.compute_consensus(L.IRIS, [(p, lab, oh(lab)) for p, lab in zip(peers, [2, 2, 1])]) == 2
+    assert L.compute_consensus(L.IRIS, [(peers[0], 2, oh(2))]) == 2
+
+
+def test_soft_vote_sums_probabilities_by_power():
+    """Two members fairly sure of class 1 outweigh one certain of class 0 (a hard vote by power
+    would give 0: it holds the most power), and a tie keeps the lower class."""
+    strong = L.PeerState("s", b"s", weight=L.WEIGHT_ONE)
+    weak = [L.PeerState(n, n.encode(), weight=L.WEIGHT_ONE * 6 // 10) for n in "ab"]
+    votes = [(strong, 0, (1_000_000, 0, 0)), (weak[0], 1, (300_000, 700_000, 0)),
+             (weak[1], 1, (300_000, 700_000, 0))]
+    # class 0: 1.0 + 0.6 x 0.3 x 2 = 1.36; class 1: 0.6 x 0.7 x 2 = 0.84 -> 0
+    assert L.compute_consensus(L.IRIS, votes) == 0
+    votes[0] = (strong, 0, (400_000, 350_000, 250_000))  # 0.4 + 0.36 = 0.76 < 0.84
+    assert L.compute_consensus(L.IRIS, votes) == 1
+    even = [(strong, 0, (500_000, 500_000, 0))]
+    assert L.compute_consensus(L.IRIS, even) == 0
+
+
+REGRESSION = L.Task("r", L.REGRESSION, ("x",), band_bps=1_000, tolerance=5 * L.VALUE_ONE)
+
+
+def test_regression_consensus_is_the_weighted_median_and_agreement_a_band():
+    peers = [L.PeerState(n, n.encode(), weight=w) for n, w in (("a", 100), ("b", 100), ("c", 300))]
+    votes = [(peers[0], 10, ()), (peers[1], 20, ()), (peers[2], 1_000, ())]
+    assert L.compute_consensus(REGRESSION, votes) == 1_000  # c holds 3/5 of the power
+    peers[2].weight = 100
+    assert L.compute_consensus(REGRESSION, votes) == 20  # now the middle of three alike
+    peers[2].weight = 200  # 2 x (100 + 100) >= 400: the lower median
+    assert L.compute_consensus(REGRESSION, votes) == 20
+    one = L.VALUE_ONE
+    assert L.agrees(REGRESSION, 100 * one + 10 * one, 100 * one)  # within 10% of 100
+    assert not L.agrees(REGRESSION, 100 * one + 10 * one + 1, 100 * one)
+    assert L.agrees(REGRESSION, 5 * one, 0)  # the tolerance near zero
+    assert not L.agrees(REGRESSION, 5 * one + 1, 0)
 
 
 def test_duplicate_message_changes_nothing(net):
@@ -484,17 +550,17 @@ def test_a_key_moving_to_another_seat_replays_from_genesis(net):
 
 def _assess_by_definition(peer, revealed):
     """docs/ledger.md's definition, written plainly: the reference for ``L.assess``."""
-    others = [p for p, _, _ in revealed if p is not peer]
-    vouchers = [(p, label) for p, label, seen in revealed if p is not peer and peer.key in seen]
+    others = [p for p, _, _, _ in revealed if p is not peer]
+    vouchers = [(p, proba) for p, _, proba, seen in revealed if p is not peer and peer.key in seen]
     total, saw = sum(L.power(p) for p in others), sum(L.power(p) for p, _ in vouchers)
     if total == 0:
         total, saw = len(others), len(vouchers)
     if not vouchers or 2 * saw <= total:
         return None
-    by_power = {c: sum(L.power(p) for p, lab in vouchers if lab == c) for c in range(len(L.CLASSES))}
-    by_count = {c: sum(1 for _, lab in vouchers if lab == c) for c in range(len(L.CLASSES))}
-    score = by_power if any(by_power.values()) else by_count
-    return max((c for c in by_count if by_count[c]), key=lambda c: (score[c], -c))
+    vouchers += [(p, proba) for p, _, proba, _ in revealed if p is peer]  # and its own vote
+    powered = any(L.power(p) for p, _ in vouchers)
+    score = {c: sum((L.power(p) if powered else 1) * proba[c] for p, proba in vouchers) for c in range(3)}
+    return max(range(3), key=lambda c: (score[c], -c))
 
 
 @given(st.lists(st.tuples(st.sampled_from([0, 1, 7, 500]), st.sampled_from([0, 1, 3, 500_000]),
@@ -505,17 +571,19 @@ def test_assess_matches_its_definition(voters, outsider_committed):
     """Timeliness and the vouchers' consensus, as computed in the hot loop, equal the plain
     definition (including powerless revealers, ties, and a peer that committed and did not
     reveal)."""
-    peers = [L.PeerState(str(i), "m", bytes([i]), stake=s, weight=w) for i, (s, w, _, _) in enumerate(voters)]
-    outsider = L.PeerState("x", "m", bytes([5]))
-    revealed = [(p, label, frozenset(bytes([k]) for k in seen if k != i or outsider_committed))
+    peers = [L.PeerState(str(i), bytes([i]), stake=s, weight=w) for i, (s, w, _, _) in enumerate(voters)]
+    outsider = L.PeerState("x", bytes([5]))
+    soft = ((1_000_000, 0, 0), (0, 600_000, 400_000), (300_000, 300_000, 400_000))
+    revealed = [(p, label, soft[label], frozenset(bytes([k]) for k in seen if k != i or outsider_committed))
                 for i, (p, (_, _, label, seen)) in enumerate(zip(peers, voters))]
     for peer in peers + [outsider]:
-        assert L.assess(peer, revealed) == _assess_by_definition(peer, revealed)
+        assert L.assess(L.IRIS, peer, revealed) == _assess_by_definition(peer, revealed)
     for k in range(len(revealed) + 1):
-        voters_k = [(p, label) for p, label, _ in revealed[:k]]
+        voters_k = [(p, label, proba) for p, label, proba, _ in revealed[:k]]
         if voters_k:
-            by_definition = _assess_by_definition(L.PeerState("y", "m", b"y"), [(p, lab, frozenset([b"y"])) for p, lab in voters_k])
-            assert by_definition is None or L.compute_consensus(voters_k) == by_definition
+            by_definition = _assess_by_definition(L.PeerState("y", b"y"),
+                                                  [(*v, frozenset([b"y"])) for v in voters_k])
+            assert by_definition is None or L.compute_consensus(L.IRIS, voters_k) == by_definition
 
 
 def test_the_issuers_commit_in_its_query_is_its_vote(net):

@@ -205,14 +205,16 @@ def test_on_the_event_loop_a_vote_that_needs_scikit_learn_is_left_to_a_thread():
 
 
 def test_parameters_cross_processes_exactly():
-    found = model.fast_params(_model("svm").estimator)
-    name, params = model._unpack(model._pack(*found))
+    m = _model("svm")
+    found = model.fast_params(m.estimator)
+    (name, params), card = model._unpack(model._pack(*found, m.card))
+    assert card == m.card and card.framework == "builtin" and card.model == "svm"
     assert name == found[0] and params.keys() == found[1].keys()
     for key, value in found[1].items():
         np.testing.assert_array_equal(params[key], value)
         assert np.asarray(params[key]).dtype == np.asarray(value).dtype
     with pytest.raises(ValueError):
-        model._unpack(model._pack("pickle", {}))
+        model._unpack(model._pack("pickle", {}, m.card))
 
 
 def test_training_child_refuses_an_unknown_kind_clearly():

@@ -45,7 +45,10 @@ def test_a_node_whose_seat_another_key_took_says_so_and_serves_no_queries(tmp_pa
     net = load(peers)
     gid, model = net.genesis().id(), net.peers[2].model
     seeds = [bytes([i]) * 32 for i in range(1, 40)]
-    reg = {s: Identity.from_seed(s).sign(gid, Register("cy", model, DEPOSIT)).msg.id for s in seeds}
+    from p2pml.model import Model
+
+    cy_card = Model(model).card  # the card cy's node will register with (the same training)
+    reg = {s: Identity.from_seed(s).sign(gid, Register("cy", cy_card, DEPOSIT)).msg.id for s in seeds}
     seeds.sort(key=reg.get)
     winner, loser = seeds[0], seeds[-1]  # the intruder's registration has the lower id
     data = tmp_path / "data"

@@ -17,6 +17,7 @@ import hmac
 import json
 import random
 import re
+import struct
 from pathlib import Path
 
 import msgpack
@@ -37,7 +38,7 @@ def load(name: str) -> dict:
 
 
 def fold(doc: dict, raws: list[bytes]) -> tuple[Ledger, dict]:
-    genesis = Genesis(tuple(Slot(n, m, bytes.fromhex(k) if k else None) for n, m, k in doc["genesis"]))
+    genesis = Genesis(tuple(Slot(n, bytes.fromhex(k) if k else None) for n, k in doc["genesis"]))
     assert genesis.id().hex() == doc["genesis_id"]
     verifier, ledger = Verifier(genesis.id()), Ledger(genesis)
     pending = [verifier.open(raw).msg for raw in raws]
@@ -99,13 +100,33 @@ def test_formats_recomputed_from_the_docs():
     seed, key = bytes.fromhex(f["seed"]), bytes.fromhex(f["key"])
     signer = nacl.signing.SigningKey(seed)
     assert bytes(signer.verify_key) == key
-    # genesis id: SHA-256 of the canonical JSON of ["p2pml-genesis", 2, slots]
-    gid = hashlib.sha256(canonical_json(["p2pml-genesis", 2, f["genesis"]])).digest()
+    # the task: Iris's rows root is RFC 6962's Merkle tree hash over its rows, each leaf the
+    # features as big-endian float64s and the class index as a big-endian int64
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    leaves = [hashlib.sha256(b"\x00" + struct.pack(">4d", *row) + struct.pack(">q", int(t))).digest()
+              for row, t in zip(iris.data, iris.target)]
+
+    def mth(nodes):
+        if len(nodes) == 1:
+            return nodes[0]
+        k = 1 << ((len(nodes) - 1).bit_length() - 1)
+        return hashlib.sha256(b"\x01" + mth(nodes[:k]) + mth(nodes[k:])).digest()
+    assert mth(leaves).hex() == f["task"]["rows_root"] == L.IRIS.rows_root.hex()
+    assert f["task"] == L.IRIS.canonical()
+    # genesis id: SHA-256 of the canonical JSON of ["p2pml-genesis", 3, task, slots]
+    gid = hashlib.sha256(canonical_json(["p2pml-genesis", 3, f["task"], f["genesis"]])).digest()
     assert gid.hex() == f["genesis_id"]
-    assert Genesis(tuple(Slot(n, m) for n, m, _ in f["genesis"])).id() == gid
-    # a message: envelope [key, body, signature]; id = SHA-256(DOMAIN || genesis || key || body)
+    assert Genesis(tuple(Slot(n) for n, _ in f["genesis"])).id() == gid
+    # a card's id: SHA-256 of the canonical JSON of ["p2pml-card", card]
     r = f["register"]
-    body = msgpack.packb(["register", r["name"], r["model"], r["deposit"]], use_bin_type=True)
+    assert hashlib.sha256(canonical_json(["p2pml-card", r["card"]])).hexdigest() == r["card_id"]
+    c = r["card"]
+    card = [c["framework"], c["model"], bytes.fromhex(c["params"]), bytes.fromhex(c["data_root"]), c["rows"],
+            c["score_bps"], bytes.fromhex(c["previous"])]
+    # a message: envelope [key, body, signature]; id = SHA-256(DOMAIN || genesis || key || body)
+    body = msgpack.packb(["register", r["name"], card, r["deposit"]], use_bin_type=True)
     data = b"p2pml/v1/message\x00" + gid + key + body
     envelope = msgpack.packb([key, body, signer.sign(data).signature], use_bin_type=True)
     assert envelope.hex() == r["body"] and hashlib.sha256(data).hexdigest() == r["id"]
@@ -128,6 +149,11 @@ def test_formats_recomputed_from_the_docs():
     digest = hashlib.sha256(b"p2pml/commit\x00" + key + rid + bytes([c["label"]])
                             + b"".join(p.to_bytes(4, "big") for p in c["proba"]) + salt).digest()
     assert digest.hex() == c["digest"] == commitment(key, rid, c["label"], tuple(c["proba"]), salt).hex()
+    # a regression vote: the value as 8 bytes, big-endian, signed, and no probabilities
+    v = f["commit_value"]
+    digest = hashlib.sha256(b"p2pml/commit\x00" + key + rid + v["value"].to_bytes(8, "big", signed=True)
+                            + salt).digest()
+    assert digest.hex() == v["digest"] == commitment(key, rid, v["value"], (), salt).hex()
     # link proof: "<unix time>.<hex Ed25519 signature of LINK_DOMAIN || genesis || msgpack([s, r, t])>"
     lp = f["link_proof"]
     signed = b"p2pml/v1/link\x00" + gid + msgpack.packb([lp["sender"], lp["receiver"], lp["unix_time"]])
@@ -137,7 +163,7 @@ def test_formats_recomputed_from_the_docs():
 
 def test_the_docs_give_every_format_used_here():
     text = (ROOT / "docs" / "protocol.md").read_text() + (ROOT / "docs" / "ledger.md").read_text()
-    for needle in ['b"p2pml/v1/message\\x00"', "p2pml/v1/link\\0", '"p2pml-genesis"', "LEDGER_VERSION = 2",
+    for needle in ['b"p2pml/v1/message\\x00"', "p2pml/v1/link\\0", '"p2pml-genesis"', "LEDGER_VERSION = 3",
                    '`b"p2pml/commit\\x00"`', '`b"p2pml/query-vote\\x00"`', '"p2pml/salt\\0"',
                    "lamport (8 bytes, big-endian)", "4 bytes big-endian"]:
         assert needle in text, needle
@@ -180,4 +206,4 @@ def test_the_constants_have_their_documented_values():
     assert (L.ACCURACY_WINDOW, L.MIN_AGREEMENT_BPS, L.INACCURACY_SLASH_BPS, L.EQUIVOCATION_SLASH_BPS, L.BPS) == \
         (20, 6000, 1000, 5000, 10_000)
     assert (L.COMMIT_DOMAIN, L.QUERY_VOTE_DOMAIN, L.LEDGER_VERSION) == \
-        (b"p2pml/commit\x00", b"p2pml/query-vote\x00", 2)
+        (b"p2pml/commit\x00", b"p2pml/query-vote\x00", 3)

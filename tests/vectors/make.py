@@ -18,6 +18,8 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from p2pml.config import MODEL_KINDS  # noqa: E402
 from p2pml.ledger import (  # noqa: E402
+    IRIS,
+    Card,
     DEPOSIT,
     Commit,
     Genesis,
@@ -31,6 +33,11 @@ from p2pml.ledger import (  # noqa: E402
     round_id,
 )
 from p2pml.wire import Identity, Verifier  # noqa: E402
+
+
+def card(model: str) -> Card:
+    """A card as a built-in kind's registration carries one (the hashes are made up)."""
+    return Card("builtin", model, hashlib.sha256(model.encode()).digest(), bytes([1]) * 32, 105, 9_500)
 
 NAMES = ("ada", "bo", "cy", "di", "ed")
 SEEDS = [bytes([i + 1]) * 32 for i in range(5)]
@@ -54,7 +61,7 @@ class Scenario:
 
     def register_all(self) -> None:
         for i in range(len(self.genesis.slots)):
-            self.sign(i, Register(NAMES[i], MODEL_KINDS[i], DEPOSIT))
+            self.sign(i, Register(NAMES[i], card(MODEL_KINDS[i]), DEPOSIT))
 
     def rounds(self, issuer: int, lamport: int, labels: list[list[int]]) -> list[bytes]:
         """One query of ``len(labels)`` rows by ``issuer`` (its own vote committed inside);
@@ -99,7 +106,7 @@ def write(name: str, sc: Scenario, about: str) -> None:
     state = ledger.state.canonical()
     doc = {
         "about": about,
-        "genesis": [[s.name, s.model, s.key.hex() if s.key else None] for s in sc.genesis.slots],
+        "genesis": [[s.name, s.key.hex() if s.key else None] for s in sc.genesis.slots],
         "genesis_id": sc.gid.hex(),
         "messages": [raw.hex() for raw in sc.raws],
         "refused": refused,
@@ -114,7 +121,7 @@ def write(name: str, sc: Scenario, about: str) -> None:
 
 
 def ledgers() -> None:
-    five = Genesis(tuple(Slot(NAMES[i], MODEL_KINDS[i]) for i in range(5)))
+    five = Genesis(tuple(Slot(NAMES[i]) for i in range(5)))
     # ed always votes the class after the others': 7 failed windows (140 votes) eject it
     sc = Scenario(five)
     sc.register_all()
@@ -131,12 +138,11 @@ def ledgers() -> None:
     write("equivocation", sc, "five seats, three rounds; di signs a second, different commit on the first: "
           "half its stake burned, ejected")
     # a pinned seat: a stranger's registration for it is refused, and its query is not held
-    pinned = Genesis(tuple(Slot(NAMES[i], MODEL_KINDS[i], sc.ids[i].key if i == 0 else None)
-                           for i in range(3)))
+    pinned = Genesis(tuple(Slot(NAMES[i], sc.ids[i].key if i == 0 else None) for i in range(3)))
     sc = Scenario(pinned)
     sc.register_all()
     stranger = Identity.from_seed(bytes([9]) * 32)
-    sc.raws.append(stranger.sign(sc.gid, Register("ada", MODEL_KINDS[0], DEPOSIT)).raw)
+    sc.raws.append(stranger.sign(sc.gid, Register("ada", card(MODEL_KINDS[0]), DEPOSIT)).raw)
     sc.raws.append(stranger.sign(sc.gid, Query(5, (ROW,))).raw)
     sc.rounds(2, 1, [[1, 1, 1]] * 2)
     write("pinned_seat_and_stranger", sc, "three seats, ada pinned; a stranger registers for ada "
@@ -146,18 +152,20 @@ def ledgers() -> None:
 def formats() -> None:
     """Fixed inputs and the bytes each format gives (docs/ledger.md, docs/protocol.md)."""
     seed, key = SEEDS[0], Identity.from_seed(SEEDS[0]).key
-    genesis = Genesis(tuple(Slot(NAMES[i], MODEL_KINDS[i]) for i in range(5)))
+    genesis = Genesis(tuple(Slot(NAMES[i]) for i in range(5)))
     gid = genesis.id()
     ident = Identity.from_seed(seed)
-    signed = ident.sign(gid, Register("ada", MODEL_KINDS[0], DEPOSIT))
+    ada = card(MODEL_KINDS[0])
+    signed = ident.sign(gid, Register("ada", ada, DEPOSIT))
     qid = hashlib.sha256(b"query").digest()
     rid = round_id(qid, 3)
     binding = query_binding(key, 42, 3)
     salt = ident.salt(rid)
     doc = {
         "seed": seed.hex(), "key": key.hex(),
-        "genesis": [[s.name, s.model, None] for s in genesis.slots], "genesis_id": gid.hex(),
-        "register": {"name": "ada", "model": MODEL_KINDS[0], "deposit": DEPOSIT,
+        "genesis": [[s.name, None] for s in genesis.slots], "genesis_id": gid.hex(),
+        "task": IRIS.canonical(),
+        "register": {"name": "ada", "card": ada.canonical(), "card_id": ada.id().hex(), "deposit": DEPOSIT,
                      "body": signed.raw.hex(), "id": signed.msg.id.hex()},
         "round": {"query_id": qid.hex(), "index": 3, "round_id": rid.hex()},
         "query_binding": {"lamport": 42, "index": 3, "binding": binding.hex()},
@@ -165,6 +173,8 @@ def formats() -> None:
                  "check": hmac.digest(seed, b"p2pml/salt\x00" + rid, "sha256")[:16].hex()},
         "commit": {"round_id": rid.hex(), "label": 2, "proba": [1000, 2000, 997000], "salt": salt.hex(),
                    "digest": commitment(key, rid, 2, (1000, 2000, 997000), salt).hex()},
+        "commit_value": {"round_id": rid.hex(), "value": -152_250_000, "salt": salt.hex(),
+                         "digest": commitment(key, rid, -152_250_000, (), salt).hex()},
         "link_proof": {"sender": "ada", "receiver": "bo", "unix_time": 1_700_000_000,
                        "proof": ident.link_proof(gid, "ada", "bo", 1_700_000_000)},
     }
