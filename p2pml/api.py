@@ -14,6 +14,7 @@ import re
 import resource
 import signal
 import time
+import weakref
 from http import HTTPStatus
 
 import msgpack
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 NODE = web.AppKey("node", Node)
 GUARD = web.AppKey("guard", "ConnectionGuard")
+SOCKETS = web.AppKey("sockets", weakref.WeakSet)  # peers' open push streams, closed at shutdown
 MAX_PREDICT_BYTES = 16384  # a /predict body holds a row (64 numbers for digits); more is abuse
 MAX_CONNECTIONS = 2048  # open connections in all: each costs a few tens of KiB
 MAX_CONNECTIONS_PER_ADDRESS = 256  # so that one address cannot take them all
@@ -285,6 +287,7 @@ async def gossip_ws(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES,
                                heartbeat=node.net.request_timeout_ms / 1000)  # a vanished peer is cut
     await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
     async for msg in ws:
         if msg.type != WSMsgType.BINARY:
             await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary gossip batches only")
@@ -349,6 +352,18 @@ async def round_(request: web.Request) -> web.Response:
     return _lookup(request, "round", 16, request.app[NODE].round_view)
 
 
+async def account(request: web.Request) -> web.Response:
+    """Any key has an account (most hold nothing): 400 only for what is not a key."""
+    text = request.match_info["id"]
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise BadInput("an account is an Ed25519 public key: 64 hex digits")
+    return web.json_response(request.app[NODE].account_view(key))
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler):
     """Every error leaves as JSON naming the problem; nothing a client sends can cause a 500.
@@ -377,6 +392,8 @@ def make_app(node: Node) -> web.Application:
     app = web.Application(client_max_size=MAX_BATCH_BYTES, middlewares=[json_errors])
     app[NODE] = node
     app[GUARD] = ConnectionGuard(node.net.idle_timeout_ms / 1000)
+    app[SOCKETS] = weakref.WeakSet()
+    app.on_shutdown.append(_close_sockets)
 
     app.router.add_get("/predict", predict_get, allow_head=False)  # a HEAD must cause no work: 405
     app.router.add_post("/predict", predict_post)
@@ -391,7 +408,15 @@ def make_app(node: Node) -> web.Application:
     app.router.add_post("/fetch", fetch)
     app.router.add_get("/message/{id}", message)
     app.router.add_get("/round/{id}", round_)
+    app.router.add_get("/account/{id}", account)
     return app
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """A peer's push stream never ends by itself: at shutdown it is closed (going away), else
+    the server would wait out its shutdown timeout for it while that peer stops too."""
+    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"stopping")
+                           for ws in list(app[SOCKETS])), return_exceptions=True)
 
 
 # -- connections ------------------------------------------------------------------------------

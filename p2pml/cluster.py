@@ -66,9 +66,11 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def write_network(path: Path, ports: list[int], hosts: list[str] | None = None,
-                  task: dict | None = None, models: list[str] | None = None, **network) -> Path:
+                  task: dict | None = None, models: list[str] | None = None,
+                  accounts: dict[str, int] | None = None, **network) -> Path:
     """A peers file for ``len(ports)`` peers on loopback, model kinds in turn (or ``models``),
-    with a ``[task]`` table if ``task`` is given."""
+    with a ``[task]`` table if ``task`` is given, and an ``[[account]]`` per item of
+    ``accounts`` (key hex -> balance)."""
     hosts = hosts or ["127.0.0.1"] * len(ports)
     if models is None:
         kinds = REGRESSION_KINDS if task and (task.get("kind") == "regression"
@@ -80,6 +82,8 @@ def write_network(path: Path, ports: list[int], hosts: list[str] | None = None,
     for i, port in enumerate(ports):
         lines += ["", "[[peer]]", f'name = "{PEER_NAMES[i]}"', f'host = "{hosts[i]}"',
                   f"port = {port}", f"model = {json.dumps(models[i])}"]
+    for key, balance in (accounts or {}).items():
+        lines += ["", "[[account]]", f'key = "{key}"', f"balance = {balance}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pml.ledger import IRIS, REGRESSION, Genesis, Slot, Task
+from p2pml.ledger import IRIS, MAX_AMOUNT, REGRESSION, Genesis, Slot, Task
 from p2pml.task import TaskData, TaskError, TaskSource
 
 MODEL_KINDS = ("logistic_regression", "random_forest", "gradient_boosting", "knn", "svm")
@@ -59,6 +59,7 @@ class NetworkConfig:
     idle_timeout_ms: int = 10_000
     rounds_in_memory: int = 8_192
     task_source: TaskSource | None = None  # None: Iris
+    accounts: tuple[tuple[bytes, int], ...] = ()  # [[account]]: funded keys besides the seats
 
     @property
     def task(self) -> Task:
@@ -69,7 +70,7 @@ class NetworkConfig:
         return _task_data(self.task_source)
 
     def genesis(self) -> Genesis:
-        return Genesis(tuple(Slot(p.name, p.key) for p in self.peers), self.task)
+        return Genesis(tuple(Slot(p.name, p.key) for p in self.peers), self.task, self.accounts)
 
     def peer_by_port(self, port: int, host: str | None = None, name: str | None = None) -> PeerConfig:
         """This node's own entry: by ``name`` if given, else by port, and by host where peers on
@@ -206,6 +207,30 @@ def _peer(i: int, raw, where: str, kinds: tuple[str, ...] = MODEL_KINDS) -> Peer
     return PeerConfig(name, host, port, model, key)
 
 
+def _accounts(raw, where: str) -> tuple[tuple[bytes, int], ...]:
+    """[[account]] tables: ``key`` (64 hex digits) and ``balance`` (whole tokens), each key once."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: account must be [[account]] tables")
+    out: dict[bytes, int] = {}
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or set(entry) != {"key", "balance"}:
+            raise ConfigError(f"{where}: [[account]] #{i + 1} needs exactly key = \"HEX\" and balance = N")
+        try:
+            key = bytes.fromhex(entry["key"]) if isinstance(entry["key"], str) else b""
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ConfigError(f"{where}: [[account]] #{i + 1} key must be 64 hex digits (an Ed25519 public key)")
+        balance = entry["balance"]
+        if type(balance) is not int or not 1 <= balance <= MAX_AMOUNT:
+            raise ConfigError(f"{where}: [[account]] #{i + 1} balance must be an integer in [1, 2**53], "
+                              f"got {balance!r}")
+        if key in out:
+            raise ConfigError(f"{where}: [[account]] key {key.hex()[:16]}... is listed twice")
+        out[key] = balance
+    return tuple(sorted(out.items()))
+
+
 def parse(text: str, where: str = "peers.toml", folder: Path | None = None) -> NetworkConfig:
     """``folder``: where relative paths in the file (a csv task, model files) start from."""
     folder = Path.cwd() if folder is None else folder
@@ -213,9 +238,11 @@ def parse(text: str, where: str = "peers.toml", folder: Path | None = None) -> N
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    unknown = set(doc) - {"network", "peer", "task"}
+    unknown = set(doc) - {"network", "peer", "task", "account"}
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [network], [task] and [[peer]]")
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [network], [task], "
+                          f"[[peer]] and [[account]]")
+    accounts = _accounts(doc["account"], where) if "account" in doc else ()
     source = _task(doc["task"], where, folder) if "task" in doc else None
     if source is not None:
         try:
@@ -254,7 +281,7 @@ def parse(text: str, where: str = "peers.toml", folder: Path | None = None) -> N
         if other is not p:
             raise ConfigError(f"{where}: peers {other.name!r} ({other.host}:{other.port}) and {p.name!r} "
                               f"({p.host}:{p.port}) are the same address and port")
-    return NetworkConfig(peers, **settings, task_source=source)
+    return NetworkConfig(peers, **settings, task_source=source, accounts=accounts)
 
 
 def load(path: str | Path) -> NetworkConfig:

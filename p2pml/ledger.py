@@ -33,7 +33,7 @@ from p2pml.ids import IdTable
 # Constants (docs/ledger.md explains each one)
 # ---------------------------------------------------------------------------------------------
 
-LEDGER_VERSION = 3
+LEDGER_VERSION = 4
 CLASSES = ("setosa", "versicolor", "virginica")  # the default task's (Iris)
 IRIS_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 CLASSIFICATION, REGRESSION = "classification", "regression"
@@ -42,6 +42,8 @@ MAX_VALUE = 2**53  # |vote| at most this (exact in any JSON reader)
 
 DEPOSIT = 1000  # stake, in whole tokens, that every registration brings
 STAKE_FLOOR = 500  # a peer whose stake falls below this is ejected
+GENESIS_BALANCE = 9000  # the balance each genesis seat's account gets, besides its staked deposit
+MAX_AMOUNT = 2**53  # a transfer's amount, a genesis account's balance: at most this
 
 WEIGHT_ONE = 1_000_000  # weights are integers in millionths: WEIGHT_ONE means 1.0
 INITIAL_WEIGHT = WEIGHT_ONE // 2
@@ -68,6 +70,8 @@ PRUNE_EVERY = 4096  # messages between prunes while ``replay`` folds
 
 # Why ``Ledger.add`` holds a message back without judging it invalid: it may be valid later.
 NOT_A_MEMBER = "author holds no seat (no registration held for this key)"
+NOT_AN_ACCOUNT = "author has no account (no genesis balance, registration or transfer to it held)"
+HELD_BACK = (NOT_A_MEMBER, NOT_AN_ACCOUNT)
 
 # ---------------------------------------------------------------------------------------------
 # Message types (shape is checked by p2pml.wire before these are built)
@@ -161,12 +165,25 @@ class Votes:
 
 
 @dataclass(frozen=True, slots=True)
+class Transfer:
+    """Moves ``amount`` of the author's balance to the account of key ``to``. Applied in the
+    order of ``(lamport, transfer id)`` among the rounds, if ``seq`` is the author's next
+    sequence number (one more than its transfers applied) and the balance covers it; otherwise
+    void (held, and changing nothing): a replay, or a transfer of more than the balance."""
+
+    lamport: int
+    seq: int
+    to: bytes
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """An authenticated message: ``id`` is the hash of the signed bytes, ``author`` the key."""
 
     id: bytes
     author: bytes
-    body: Register | Query | Votes | Update
+    body: Register | Query | Votes | Update | Transfer
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,12 +237,19 @@ class Slot:
 class Genesis:
     slots: tuple[Slot, ...]
     task: Task = IRIS
+    accounts: tuple[tuple[bytes, int], ...] = ()  # (key, balance): funded keys besides the seats
 
     def id(self) -> bytes:
         """Network identity: signatures bind to it, so messages cannot cross networks (or tasks)."""
         canon = [[s.name, s.key.hex() if s.key else None] for s in self.slots]
+        accounts = [[key.hex(), balance] for key, balance in sorted(self.accounts)]
         return hashlib.sha256(_canonical_json(
-            ["p2pml-genesis", LEDGER_VERSION, self.task.canonical(), canon])).digest()
+            ["p2pml-genesis", LEDGER_VERSION, self.task.canonical(), canon, accounts])).digest()
+
+    @property
+    def supply(self) -> int:
+        """Every token there is: each seat's deposit and balance, and the genesis accounts'."""
+        return len(self.slots) * (DEPOSIT + GENESIS_BALANCE) + sum(b for _, b in self.accounts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,9 +306,19 @@ class State:
     # peer id -> its chain of model cards, oldest first: (the lamport above which each is in
     # force, card, its id). Set from the held registrations and updates, not folded round by round.
     cards: dict[str, tuple[tuple[int, Card, bytes], ...]] = field(default_factory=dict)
+    accounts: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # key -> (balance, seq)
+    unclaimed: int = 0  # the deposits and balances of seats nobody has registered for yet
+    transfers: int = 0  # applied
+    void: int = 0  # transfers held that changed nothing (a used sequence number, too little balance)
 
     def copy(self) -> State:
-        return State({k: p.copy() for k, p in self.peers.items()}, self.rounds, self.burned, self.cards)
+        return State({k: p.copy() for k, p in self.peers.items()}, self.rounds, self.burned, self.cards,
+                     dict(self.accounts), self.unclaimed, self.transfers, self.void)
+
+    def total(self) -> int:
+        """Balances, stakes, burned and unclaimed: always the genesis supply."""
+        return (sum(b for b, _ in self.accounts.values()) + sum(p.stake for p in self.peers.values())
+                + self.burned + self.unclaimed)
 
     def card(self, pid: str) -> Card | None:
         """The card a member's latest votes count under."""
@@ -302,6 +336,10 @@ class State:
             "peers": {pid: self.peers[pid].canonical() for pid in sorted(self.peers)},
             "cards": {pid: [{**card.canonical(), "id": cid.hex(), "after_lamport": lamport}
                             for lamport, card, cid in self.cards[pid]] for pid in sorted(self.cards)},
+            "accounts": {key.hex(): {"balance": b, "seq": seq} for key, (b, seq) in sorted(self.accounts.items())},
+            "unclaimed": self.unclaimed,
+            "transfers": self.transfers,
+            "void": self.void,
         }
 
 
@@ -535,6 +573,23 @@ def process_accuracy(state: State, peer: PeerState, agreed: bool) -> None:
         peer.history = peer.history[1:]
 
 
+def apply_transfer(state: State, author: bytes, body: Transfer) -> str | None:
+    """Move the amount if the sequence number is the author's next and the balance covers it.
+    Returns None if applied, else why it is void."""
+    balance, seq = state.accounts.get(author, (0, 0))
+    if body.seq != seq + 1:
+        state.void += 1
+        return f"sequence number {body.seq} is not the next one ({seq + 1})"
+    if body.amount > balance:
+        state.void += 1
+        return f"amount {body.amount} is more than the balance {balance}"
+    state.accounts[author] = (balance - body.amount, seq + 1)
+    to_balance, to_seq = state.accounts.get(body.to, (0, 0))
+    state.accounts[body.to] = (to_balance + body.amount, to_seq)
+    state.transfers += 1
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The ledger
 # ---------------------------------------------------------------------------------------------
@@ -582,6 +637,10 @@ class Ledger:
         # does not reflect it, and only a fold of every message can (``replay``).
         self.stale = False
         self.reached_back = 0  # messages that made it stale, or found it so: how many so far
+        # Transfers sort among the rounds, at (lamport, the first 16 bytes of their id).
+        self._transfers: dict[bytes, Message] = {}
+        self._transfer_results: dict[bytes, str | None] = {}  # transfer id -> why void (None: applied)
+        self._funded = {key for key, _ in genesis.accounts}  # keys a transfer may come from
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -590,6 +649,8 @@ class Ledger:
         if msg.id in self.held:
             return None
         body = msg.body
+        if isinstance(body, Transfer):
+            return self._add_transfer(msg)
         if not isinstance(body, Register) and msg.author not in self._registered:
             # [IGNORE] not held: re-offered by anti-entropy once its registration is here.
             # (Whether the key holds a seat is decided in the fold: seats can change hands.)
@@ -600,6 +661,7 @@ class Ledger:
                 return reason
             self._registrations.setdefault(body.name, []).append(msg)
             self._registered.add(msg.author)
+            self._funded.add(msg.author)
             seats = self._assign_seats()
             # Membership changed (a key won, lost or changed seats): replay from genesis.
             if {k: m.id for k, m in seats.items()} != {k: m.id for k, m in self._seats.items()}:
@@ -683,12 +745,49 @@ class Ledger:
             return f"unknown message type {type(body).__name__}"
         if isinstance(body, (Query, Update)):  # only these are ordered by lamport
             self.lamport = max(self.lamport, body.lamport)
+        self._held(msg)
+        return None
+
+    def _held(self, msg: Message) -> None:
         index = self._author_index.get(msg.author)
         if index is None:
             index = self._author_index[msg.author] = len(self._authors)
             self._authors.append(msg.author)
         self.held.add(msg.id, index)
+
+    def _add_transfer(self, msg: Message) -> str | None:
+        """[IGNORE] a transfer from a key no held message funds: it may be funded later (held
+        back, like a member's messages before its registration). So a flood of transfers from
+        fresh keys is not held: each key must be paid first."""
+        body = msg.body
+        if body.to == msg.author:
+            return "a transfer to oneself"
+        if msg.author not in self._funded:
+            return NOT_AN_ACCOUNT
+        self._funded.add(body.to)
+        self.lamport = max(self.lamport, body.lamport)
+        key = (body.lamport, msg.id[:16])
+        self._held(msg)
+        if self._floor is not None and key < self._floor:
+            self._pruned.add(key[1])
+            self._reach_back(True)
+            return None
+        self._transfers[key[1]] = msg
+        pos = bisect.bisect_left(self._order, key)
+        self._order.insert(pos, key)
+        self._mark_dirty(pos)
         return None
+
+    def transfer_result(self, mid: bytes) -> tuple[bool, str | None] | None:
+        """For a held transfer: ``(True, why it is void)``, the reason None if it was applied;
+        None if it is not held here, or its place in the order was pruned."""
+        tid = mid[:16]
+        msg = self._transfers.get(tid)
+        if msg is None or msg.id != mid:
+            return None
+        pos = bisect.bisect_left(self._order, (msg.body.lamport, tid))
+        self._settle(pos)
+        return True, self._transfer_results.get(tid)
 
     def author_of(self, mid: bytes) -> bytes | None:
         """The author of a held message (None if not held)."""
@@ -889,6 +988,9 @@ class Ledger:
         self._settle()  # leaves a checkpoint before every CHECKPOINT_EVERY-th position
         for _, rid in self._order[:cut]:
             self._pruned.add(rid)
+            if self._transfers.pop(rid, None) is not None:
+                self._transfer_results.pop(rid, None)
+                continue
             del self._queries[rid]
             for table in (self._commits, self._reveals, self._round_author, self._query_of, self._bound,
                           self._outcomes):
@@ -924,9 +1026,16 @@ class Ledger:
         return set(self._seats)
 
     def genesis_state(self) -> State:
+        """Each seat taken brings its deposit (staked) and GENESIS_BALANCE to its key's
+        account; the seats nobody holds yet keep theirs unclaimed."""
         state = State()
+        for key, balance in self.genesis.accounts:
+            state.accounts[key] = (balance, 0)
         for key, msg in sorted(self._seats.items(), key=lambda kv: kv[1].body.name):
             state.peers[peer_id(key)] = PeerState(msg.body.name, key)
+            balance, seq = state.accounts.get(key, (0, 0))
+            state.accounts[key] = (balance + GENESIS_BALANCE, seq)
+        state.unclaimed = (len(self.genesis.slots) - len(self._seats)) * (DEPOSIT + GENESIS_BALANCE)
         self._members = {p.key: pid for pid, p in state.peers.items()}
         return state
 
@@ -952,6 +1061,10 @@ class Ledger:
             rid = self._order[pos][1]
             if rid in self._commits:  # a round nobody committed on changes nothing (fast path)
                 self._process_round(state, rid)
+                changed = True
+            elif rid in self._transfers:
+                msg = self._transfers[rid]
+                self._transfer_results[rid] = apply_transfer(state, msg.author, msg.body)
                 changed = True
         state.cards = self._cards
         self._state = state
@@ -1070,8 +1183,10 @@ def replay(genesis: Genesis, count: int, get: Callable[[int], Message], keep: in
     for i in range(count):
         msg = get(i)
         body = msg.body
-        if isinstance(body, (Register, Update)):
-            first = (-1, b"")  # seats and cards first: a later registration would make it stale
+        if isinstance(body, (Register, Update, Transfer)):
+            # seats and cards first: a later registration would make it stale; transfers in
+            # the order they were held (which funded their authors before them)
+            first = (-1, b"")
         elif isinstance(body, Query):
             first = min((keys[round_id(msg.id, j)] for j in range(len(body.items))), default=last)
         else:

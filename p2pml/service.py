@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,8 @@ from p2pml.events import changes, snapshot
 from p2pml.gossip import Gossip, Holdings, Scores
 from p2pml.ledger import (
     DEPOSIT,
+    HELD_BACK,
     INITIAL_WEIGHT,
-    NOT_A_MEMBER,
     PROBA_ONE,
     PRUNE_EVERY,
     Commit,
@@ -33,6 +34,7 @@ from p2pml.ledger import (
     Query,
     Register,
     Reveal,
+    Transfer,
     Update,
     VALUE_ONE,
     Votes,
@@ -508,7 +510,7 @@ class Node:
                     if signed.msg.author == self.identity.key and isinstance(body, Votes) and body.commits:
                         self._foreign_own_vote(signed.msg, source)
                     continue
-                invalid += reason != NOT_A_MEMBER
+                invalid += reason not in HELD_BACK
             rejected += 1
             if len(errors) < 8:
                 errors.append(reason)
@@ -828,12 +830,17 @@ class Node:
         if len(self._queries) >= MAX_QUEUED_QUERIES:
             raise Unavailable(f"overloaded: {len(self._queries)} queries already waiting")
         fut = asyncio.get_running_loop().create_future()
-        self._queries.append((row, fut))
+        entry = (row, fut)
+        self._queries.append(entry)
         self._query_wake.set()
         try:
             rid, query_id = await asyncio.wait_for(fut, OPEN_ROUND_TIMEOUT_S)
         except TimeoutError:
             raise Unavailable("overloaded: the round could not be opened in time") from None
+        finally:
+            if not fut.done() or fut.cancelled():  # given up (timed out, or its client left):
+                with contextlib.suppress(ValueError):  # no longer queued, nor counted as such
+                    self._queries.remove(entry)
         expected = self.expected_voters()
         event = asyncio.Event()
         self._waiters[rid] = (expected, event)
@@ -954,9 +961,26 @@ class Node:
         if raw is None:
             return None
         key, body, sig = msgpack.unpackb(raw)
-        return {"id": mid.hex(), "author": peer_id(key), "key": key.hex(), "body": body.hex(),
-                "signature": sig.hex(), "type": type(decode_body(body, self.shape)).__name__.lower(),
-                "envelope": raw.hex()}
+        decoded = decode_body(body, self.shape)
+        view = {"id": mid.hex(), "author": peer_id(key), "key": key.hex(), "body": body.hex(),
+                "signature": sig.hex(), "type": type(decoded).__name__.lower(), "envelope": raw.hex()}
+        if isinstance(decoded, Transfer):  # what the ledger made of it
+            result = self.ledger.transfer_result(mid)
+            view.update(to=decoded.to.hex(), amount=decoded.amount, seq=decoded.seq, lamport=decoded.lamport,
+                        applied=None if result is None else result[1] is None,
+                        void=None if result is None else result[1])
+        return view
+
+    def account_view(self, key: bytes) -> dict:
+        """One account: its balance, the sequence number its next transfer must carry, the
+        lamport a new transfer should be above, and its stake if it holds a seat."""
+        state = self.ledger.state
+        balance, seq = state.accounts.get(key, (0, 0))
+        member = state.peers.get(peer_id(key))
+        return {"key": key.hex(), "balance": balance, "seq": seq, "next_seq": seq + 1,
+                "lamport": self.ledger.lamport, "member": peer_id(key) if member else None,
+                "name": member.name if member else None, "stake": member.stake if member else None,
+                "status": member.status if member else None}
 
     # -- the ledger view ------------------------------------------------------------------------
 
@@ -965,6 +989,7 @@ class Node:
         view = state.canonical()
         view["root"] = self.ledger.root()
         view["genesis"] = self.genesis_id.hex()
+        view["supply"] = self.ledger.genesis.supply
         view["task"] = self.task.canonical()
         view["messages"] = len(self.holdings)
         view["lamport"] = self.ledger.lamport

@@ -23,6 +23,7 @@ import nacl.exceptions
 
 from p2pml.ledger import (
     IRIS,
+    MAX_AMOUNT,
     MAX_VALUE,
     PROBA_ONE,
     Card,
@@ -32,6 +33,7 @@ from p2pml.ledger import (
     Register,
     Reveal,
     Task,
+    Transfer,
     Update,
     Votes,
 )
@@ -148,7 +150,9 @@ def _card(fields) -> Card:
                 previous)
 
 
-def encode_body(body: Register | Query | Votes | Update) -> bytes:
+def encode_body(body: Register | Query | Votes | Update | Transfer) -> bytes:
+    if isinstance(body, Transfer):
+        return pack(["transfer", body.lamport, body.seq, body.to, body.amount])
     if isinstance(body, Register):
         return pack(["register", body.name, _card_fields(body.card), body.deposit])
     if isinstance(body, Update):
@@ -205,7 +209,7 @@ def check_features(row, shape: Shape = IRIS_SHAPE) -> tuple[float, ...]:
     return tuple(row)
 
 
-def decode_body(data: bytes, shape: Shape = IRIS_SHAPE) -> Register | Query | Votes | Update:
+def decode_body(data: bytes, shape: Shape = IRIS_SHAPE) -> Register | Query | Votes | Update | Transfer:
     try:
         obj = msgpack.unpackb(
             data, use_list=True, raw=False, strict_map_key=True,
@@ -218,6 +222,10 @@ def decode_body(data: bytes, shape: Shape = IRIS_SHAPE) -> Register | Query | Vo
     kind = fields[0]
     if kind == "register" and len(fields) == 4:
         body = Register(_str(fields[1], "name"), _card(fields[2]), _int(fields[3], "deposit", 0, 2**63))
+    elif kind == "transfer" and len(fields) == 5:
+        body = Transfer(_int(fields[1], "lamport", 1, MAX_LAMPORT), _int(fields[2], "seq", 1, MAX_LAMPORT),
+                        _bytes(fields[3], "a transfer's recipient key", KEY_BYTES),
+                        _int(fields[4], "amount", 1, MAX_AMOUNT))
     elif kind == "update" and len(fields) == 3:
         body = Update(_int(fields[1], "lamport", 1, MAX_LAMPORT), _card(fields[2]))
     elif kind == "query" and len(fields) in (3, 4):
@@ -377,7 +385,7 @@ class Identity:
         sig = self._sign(_link_bytes(genesis_id, sender, receiver, unix_time))
         return f"{unix_time}.{sig.hex()}"
 
-    def sign(self, genesis_id: bytes, body: Register | Query | Votes | Update,
+    def sign(self, genesis_id: bytes, body: Register | Query | Votes | Update | Transfer,
              shape: Shape = IRIS_SHAPE) -> Signed:
         """Sign ``body``; raises WireError for anything peers would reject, so a node never
         holds a message of its own that nobody else would accept."""

@@ -28,6 +28,18 @@ NAMES = ("ada", "bo", "cy", "di", "ed")
 ROW = (5.1, 3.5, 1.4, 0.2)
 
 
+def check_reach(reach: dict, shares: dict, what: str) -> None:
+    """A property test's reach (how many generated histories did each thing), printed (-s) and
+    held to a share of its examples: a property test that never reaches a rule proves little."""
+    n = reach["examples"]
+    if n == 0:
+        pytest.skip(f"run together with the {what} property test")
+    print(f"\n{what} property test reach over {n} histories: " +
+          ", ".join(f"{k} {v} ({100 * v // n}%)" for k, v in reach.items() if k != "examples"))
+    for key, share in shares.items():
+        assert reach[key] >= share * n, (key, reach)
+
+
 def one_hot(label: int) -> tuple[int, ...]:
     return tuple(1_000_000 if c == label else 0 for c in range(3))
 

@@ -176,6 +176,50 @@ async def test_gossip_rejects_and_loses_nothing(node, http):
     assert status == 200
 
 
+async def test_a_batch_mixing_valid_and_invalid_messages_keeps_the_valid_ones(api_cluster, node, http):
+    """A gossip batch is judged message by message: the valid one is held, the duplicate and
+    the invalid ones are counted as such, each named in ``errors``. A link proof older than
+    LINK_PROOF_MAX_AGE_S (300 s) is not believed: the invalid messages count against the
+    sending address, not against the peer the headers name; with a fresh proof, against the
+    peer."""
+    from p2pml.wire import LINK_PROOF_MAX_AGE_S
+
+    _, ledger = await get(http, node + "/ledger")
+    genesis = bytes.fromhex(ledger["genesis"])
+    sender, receiver = api_cluster.names[1], api_cluster.names[0]
+    member = Identity.from_seed((api_cluster.data_root / sender / "node.key").read_bytes())
+
+    def batch(lamport: int) -> tuple[bytes, list[bytes]]:
+        fresh = member.sign(genesis, Query(lamport, ((5.0, 3.0, 1.0, 0.1),)))
+        tampered = [bytearray(member.sign(genesis, Query(lamport + k, ((5.0, 3.0, 1.0, 0.1),))).raw)
+                    for k in (1, 2, 3)]
+        for raw in tampered:
+            raw[-1] ^= 1
+        stranger = Identity.generate().sign(genesis, Query(lamport, ((5.0, 3.0, 1.0, 0.1),))).raw
+        return fresh.msg.id, [*map(bytes, tampered), fresh.raw, stranger, fresh.raw]  # the last: a duplicate
+
+    async def send(raws, proof_age: int):
+        proof = member.link_proof(genesis, sender, receiver, int(time.time()) - proof_age)
+        headers = {"Content-Type": "application/msgpack", "X-P2PML-Peer": sender, "X-P2PML-Proof": proof}
+        async with http.post(node + "/gossip", data=pack_batch(raws), headers=headers) as r:
+            return r.status, await r.json()
+
+    for proof_age, scored in ((LINK_PROOF_MAX_AGE_S + 100, "address 127.0.0.1"), (0, f"peer {sender}")):
+        fresh_id, raws = batch(3_000_000 + proof_age)
+        _, before = await get(http, node + "/health")
+        status, result = await send(raws, proof_age)
+        assert status == 200, result
+        assert (result["accepted"], result["duplicate"], result["rejected"]) == (1, 1, 4), result
+        assert any("bad signature" in e for e in result["errors"]), result
+        assert any("holds no seat" in e for e in result["errors"]), result
+        assert (await get(http, node + "/message/" + fresh_id.hex()))[0] == 200
+        _, after = await get(http, node + "/health")
+        suspect = after["scores"]["suspect"]
+        assert suspect.get(scored, 0) >= before["scores"]["suspect"].get(scored, 0) + 2, (scored, suspect)
+        if proof_age:
+            assert f"peer {sender}" not in suspect, suspect
+
+
 async def test_unknown_routes_and_methods_are_json(node, http):
     status, body = await get(http, node + "/nope")
     assert status == 404 and "error" in body
@@ -320,6 +364,66 @@ def test_cli_errors_are_clear(tmp_path):
     r = run_cli("--port", "x")
     assert r.returncode == 2 and "invalid int value" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+async def test_connections_beyond_the_limit_are_reset_at_once(tmp_path):
+    """docs/protocol.md: at most MAX_CONNECTIONS (2048) open connections, and at most the
+    process's file limit less 128: a node started with a limit of 200 files keeps 72, from
+    any addresses, and resets the rest at once; when they close, it serves again."""
+    import resource
+
+    from p2pml.cluster import get_json
+
+    peers = write_network(tmp_path / "peers.toml", free_ports(1))
+    port = int(peers.read_text().split("port = ")[1].split()[0])
+    url = f"http://127.0.0.1:{port}"
+
+    def few_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    proc = subprocess.Popen([sys.executable, "-m", "p2pml.node", "--port", str(port), "--peers", str(peers),
+                             "--data-dir", str(tmp_path / "d")], preexec_fn=few_files,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    conns = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if get_json(url + "/ready", timeout=1)["ready"]:
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the node did not become ready"
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)  # the last readiness poll's connection is closed by now
+        for k in range(100):  # from four addresses: the total limit, not the per-address one
+            conns.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.0.{2 + k % 4}", 0)))
+
+        async def reset(reader) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(1), 1.0) == b""
+            except ConnectionError:
+                return True
+            except TimeoutError:
+                return False  # held open, idle
+
+        resets = await asyncio.gather(*(reset(r) for r, _ in conns))
+        assert sum(resets) == 100 - (200 - 128), sum(resets)
+        assert not any(resets[:72]) and all(resets[72:])  # the first come are kept
+        for _, w in conns:
+            w.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                view = get_json(url + "/health", timeout=1)["connections"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the node does not serve after the connections closed"
+                await asyncio.sleep(0.1)
+        assert view["refused"] >= 28, view  # and any /health tried before the closes were seen
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err.decode()[-2000:]
 
 
 def test_default_data_dir_and_key(tmp_path):

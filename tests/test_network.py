@@ -64,8 +64,11 @@ async def test_two_misbehaving_peers_lose_stake_and_the_network_stays_right(make
     later = await ask(cluster, iris.data[order[90:100]], concurrency=1, targets=alive)
     assert all(status == 200 for status, _, _ in later)
     assert all(len(body["votes"]) >= 4 for _, body, _ in later)
-    assert max(seconds for _, _, seconds in later) < 2.0
-    assert sorted(seconds for _, _, seconds in later)[len(later) // 2] < 0.3  # median: no waiting
+    # Waiting for cy on every query would make each answer last the query timeout; the first
+    # one after the kill may (and one attempt to reach it, at most a request timeout).
+    query_s, request_s = cluster.net.query_timeout_ms / 1000, cluster.net.request_timeout_ms / 1000
+    assert max(seconds for _, _, seconds in later) < query_s + request_s
+    assert sorted(seconds for _, _, seconds in later)[len(later) // 2] < query_s  # median: no waiting
     ledgers = cluster.wait_converged(timeout=10, names=alive)
     assert len({lg["root"] for lg in ledgers.values()}) == 1
     for lg in ledgers.values():
@@ -99,7 +102,10 @@ async def test_old_rounds_leave_memory_and_a_message_reaching_back_is_still_coun
     assert all(status == 200 for status, _, _ in answers)
     cluster.start("cy")
     cluster.wait_ready(names=["cy"])
-    await asyncio.sleep(1.5)  # each node prunes once a second
+    deadline = time.monotonic() + 20  # each node prunes once a second: wait until all have
+    while time.monotonic() < deadline and not all(
+            lg["rounds_in_memory"] < keep + CHECKPOINT_EVERY for lg in cluster.ledgers().values()):
+        await asyncio.sleep(0.1)
     ledgers = cluster.wait_converged(timeout=20)
     assert len({lg["root"] for lg in ledgers.values()}) == 1, {
         n: (lg["root"][:8], lg["stale"], lg["messages"], get_json(cluster.url(n) + "/health")["intake"])
@@ -110,6 +116,15 @@ async def test_old_rounds_leave_memory_and_a_message_reaching_back_is_still_coun
 
     oldest = bytes.fromhex(answers[0][1]["round"])
     vote = answers[0][1]["votes"][0]
+    # README: a round older than the latest rounds_in_memory is folded for good: its view says
+    # null where the tables it came from are gone; an unknown round is 404.
+    view = get_json(cluster.url("ada") + "/round/" + oldest.hex())
+    assert view["round"] == oldest.hex(), view
+    assert all(view[k] is None for k in ("prediction", "probabilities", "query", "complete", "missing",
+                                         "settled")), view
+    assert view["votes"] == [], view
+    async with aiohttp.ClientSession() as s, s.get(cluster.url("ada") + "/round/" + "ab" * 16) as r:
+        assert r.status == 404 and "error" in await r.json()
     for name in cluster.names:  # an old envelope, read back from the log
         envelope = get_json(cluster.url(name) + "/message/" + vote["message"])
         assert envelope["signature"] == vote["signature"], name

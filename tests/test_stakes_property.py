@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from p2pml import ledger as L
 from p2pml.config import MODEL_KINDS
 from p2pml.wire import Identity, Shape
-from tests.conftest import card, NAMES, Net
+from tests.conftest import card, check_reach, NAMES, Net
 from tests.test_determinism import deliver
 
 EXAMPLES = int(os.environ.get("P2PML_PROPERTY_EXAMPLES", "120"))
@@ -115,14 +115,8 @@ def test_stakes_slashes_and_ejections_do_not_depend_on_the_order(msgs, data):
 def test_the_property_test_reaches_the_stakes():
     """Run after the property test (file order): a good share of its histories slashed,
     ejected, held strangers and refused messages, or it proves little."""
-    n = REACH["examples"]
-    if n == 0:
-        pytest.skip("run together with test_stakes_slashes_and_ejections_do_not_depend_on_the_order")
-    print(f"\nstake property test reach over {n} histories: " +
-          ", ".join(f"{k} {v} ({100 * v // n}%)" for k, v in REACH.items() if k != "examples"))
-    for key, share in (("slashed", 0.3), ("ejected", 0.1), ("equivocation", 0.05), ("strangers", 0.5),
-                       ("refused", 0.5), ("full_windows", 0.6)):
-        assert REACH[key] >= share * n, (key, REACH)
+    check_reach(REACH, {"slashed": 0.3, "ejected": 0.1, "equivocation": 0.05, "strangers": 0.5,
+                        "refused": 0.5, "full_windows": 0.6}, "stake")
 
 
 # --- Regression, and model cards that change --------------------------------------------------

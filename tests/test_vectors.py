@@ -115,8 +115,8 @@ def test_formats_recomputed_from_the_docs():
         return hashlib.sha256(b"\x01" + mth(nodes[:k]) + mth(nodes[k:])).digest()
     assert mth(leaves).hex() == f["task"]["rows_root"] == L.IRIS.rows_root.hex()
     assert f["task"] == L.IRIS.canonical()
-    # genesis id: SHA-256 of the canonical JSON of ["p2pml-genesis", 3, task, slots]
-    gid = hashlib.sha256(canonical_json(["p2pml-genesis", 3, f["task"], f["genesis"]])).digest()
+    # genesis id: SHA-256 of the canonical JSON of ["p2pml-genesis", 4, task, slots, accounts]
+    gid = hashlib.sha256(canonical_json(["p2pml-genesis", 4, f["task"], f["genesis"], []])).digest()
     assert gid.hex() == f["genesis_id"]
     assert Genesis(tuple(Slot(n) for n, _ in f["genesis"])).id() == gid
     # a card's id: SHA-256 of the canonical JSON of ["p2pml-card", card]
@@ -163,7 +163,7 @@ def test_formats_recomputed_from_the_docs():
 
 def test_the_docs_give_every_format_used_here():
     text = (ROOT / "docs" / "protocol.md").read_text() + (ROOT / "docs" / "ledger.md").read_text()
-    for needle in ['b"p2pml/v1/message\\x00"', "p2pml/v1/link\\0", '"p2pml-genesis"', "LEDGER_VERSION = 3",
+    for needle in ['b"p2pml/v1/message\\x00"', "p2pml/v1/link\\0", '"p2pml-genesis"', "LEDGER_VERSION = 4",
                    '`b"p2pml/commit\\x00"`', '`b"p2pml/query-vote\\x00"`', '"p2pml/salt\\0"',
                    "lamport (8 bytes, big-endian)", "4 bytes big-endian"]:
         assert needle in text, needle
@@ -206,4 +206,5 @@ def test_the_constants_have_their_documented_values():
     assert (L.ACCURACY_WINDOW, L.MIN_AGREEMENT_BPS, L.INACCURACY_SLASH_BPS, L.EQUIVOCATION_SLASH_BPS, L.BPS) == \
         (20, 6000, 1000, 5000, 10_000)
     assert (L.COMMIT_DOMAIN, L.QUERY_VOTE_DOMAIN, L.LEDGER_VERSION) == \
-        (b"p2pml/commit\x00", b"p2pml/query-vote\x00", 3)
+        (b"p2pml/commit\x00", b"p2pml/query-vote\x00", 4)
+    assert (L.GENESIS_BALANCE, L.MAX_AMOUNT) == (9000, 2**53)
