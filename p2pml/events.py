@@ -39,8 +39,8 @@ def changes(before: dict[str, Seen], after: dict[str, Seen]) -> list[str]:
             else:
                 why = (f"agreed with the consensus on less than {MIN_AGREEMENT_BPS * 100 // BPS}% "
                        f"of a {ACCURACY_WINDOW}-vote window")
-            lines.append(f"slashed {who}: {a.slashed - b.slashed} tokens burned, stake "
-                         f"{b.stake} -> {a.stake} ({why})")
+            lines.append(f"slashed {who}: {a.slashed - b.slashed} tokens to the peers that agreed, "
+                         f"stake {b.stake} -> {a.stake} ({why})")
         if a.status == STATUS_EJECTED and b.status != STATUS_EJECTED:
             lines.append(f"ejected {who}: {a.reason}; its votes no longer count")
     for pid, b in sorted(before.items(), key=lambda kv: kv[1].name):

@@ -272,12 +272,13 @@ class PeerState:
     equivocation: tuple[str, str, str] | None = None  # (round, message id, message id)
     late: int = 0  # votes committed after most of the others had revealed: neither judged nor counted
     unrevealed: int = 0  # timely commits not revealed: each cost weight as a wrong vote (not stake)
+    rewarded: int = 0  # stake received from the pool of slashed stake (see pay_pool)
 
     def copy(self) -> PeerState:
         return PeerState(
             self.name, self.key, self.stake, self.weight, self.status, self.reason,
             self.history, self.votes, self.agreed, self.slashed, self.equivocation, self.late,
-            self.unrevealed,
+            self.unrevealed, self.rewarded,
         )
 
     def canonical(self) -> dict:
@@ -295,6 +296,7 @@ class PeerState:
             "equivocation": list(self.equivocation) if self.equivocation else None,
             "late": self.late,
             "unrevealed": self.unrevealed,
+            "rewarded": self.rewarded,
         }
 
 
@@ -302,7 +304,7 @@ class PeerState:
 class State:
     peers: dict[str, PeerState] = field(default_factory=dict)  # by peer id
     rounds: int = 0  # rounds settled (rounds with at least one counted vote)
-    burned: int = 0
+    pool: int = 0  # slashed stake not paid out yet (see pay_pool)
     # peer id -> its chain of model cards, oldest first: (the lamport above which each is in
     # force, card, its id). Set from the held registrations and updates, not folded round by round.
     cards: dict[str, tuple[tuple[int, Card, bytes], ...]] = field(default_factory=dict)
@@ -312,13 +314,13 @@ class State:
     void: int = 0  # transfers held that changed nothing (a used sequence number, too little balance)
 
     def copy(self) -> State:
-        return State({k: p.copy() for k, p in self.peers.items()}, self.rounds, self.burned, self.cards,
+        return State({k: p.copy() for k, p in self.peers.items()}, self.rounds, self.pool, self.cards,
                      dict(self.accounts), self.unclaimed, self.transfers, self.void)
 
     def total(self) -> int:
-        """Balances, stakes, burned and unclaimed: always the genesis supply."""
+        """Balances, stakes, the pool and unclaimed: always the genesis supply."""
         return (sum(b for b, _ in self.accounts.values()) + sum(p.stake for p in self.peers.values())
-                + self.burned + self.unclaimed)
+                + self.pool + self.unclaimed)
 
     def card(self, pid: str) -> Card | None:
         """The card a member's latest votes count under."""
@@ -332,7 +334,7 @@ class State:
         return {
             "version": LEDGER_VERSION,
             "rounds": self.rounds,
-            "burned": self.burned,
+            "pool": self.pool,
             "peers": {pid: self.peers[pid].canonical() for pid in sorted(self.peers)},
             "cards": {pid: [{**card.canonical(), "id": cid.hex(), "after_lamport": lamport}
                             for lamport, card, cid in self.cards[pid]] for pid in sorted(self.cards)},
@@ -525,12 +527,27 @@ def compute_weight(weight: int, agreed: bool) -> int:
 
 
 def decrease_stake(state: State, peer: PeerState, bps: int) -> int:
-    """Burn ``bps`` of the peer's stake (rounded down, clamped at zero); return the amount."""
+    """Slash ``bps`` of the peer's stake (rounded down, clamped at zero) into the pool; return
+    the amount."""
     amount = min(peer.stake, peer.stake * bps // BPS)
     peer.stake -= amount
     peer.slashed += amount
-    state.burned += amount
+    state.pool += amount
     return amount
+
+
+def pay_pool(state: State, recipients: list[tuple[PeerState, int]]) -> None:
+    """The whole pool to ``recipients`` (peer, power before the round), each
+    ``pool * power // total power``; the integer remainder stays in the pool."""
+    total = sum(p for _, p in recipients)
+    if not state.pool or not total:
+        return
+    pot = state.pool
+    for peer, p in recipients:
+        share = pot * p // total
+        peer.stake += share
+        peer.rewarded += share
+        state.pool -= share
 
 
 def eject(peer: PeerState, reason: str) -> None:
@@ -1142,6 +1159,7 @@ class Ledger:
         # Each judged vote is compared with the consensus of its vouchers and itself, all
         # computed from the powers before the round: the votes it cannot have copied.
         verdicts = [(peer, agrees(task, label, against[peer.key])) for peer, label, _, _, _ in judged]
+        agreeing = [(peer, power(peer), peer.slashed) for peer, agreed in verdicts if agreed]
         state.rounds += 1
         for peer, agreed in verdicts:
             judge(state, peer, agreed)
@@ -1155,6 +1173,9 @@ class Ledger:
             peer.weight = compute_weight(peer.weight, False)
         for peer in late:
             peer.late += 1
+        # Slashed stake goes to the peers whose votes agreed with this round's consensus (not to
+        # one slashed in it), by their power before the round.
+        pay_pool(state, [(p, pw) for p, pw, slashed in agreeing if p.slashed == slashed and is_active(p)])
         self._outcomes[rid] = Outcome(rid, consensus, votes, late=tuple(self._members[p.key] for p in late),
                                       late_votes=late_votes,
                                       unrevealed=tuple(self._members[p.key] for p in missing))

@@ -162,7 +162,14 @@ def run(cluster: LocalCluster, args) -> int:
         cards = view.get("cards", {}).get(pid) or [{"model": "?"}]
         print(f"{p['name']:<6} {cards[-1]['model'][:20]:<20} {behavior:<9} {p['stake']:>6} "
               f"{p['weight'] / WEIGHT_ONE:>7.3f} {status:<8} {agreement:>13}  {pid[:12]}")
-    print(f"\nsettled rounds {view['rounds']}, burned {view['burned']}, messages {view['messages']}")
+    slashed = sum(p["slashed"] for p in view["peers"].values())
+    rewarded = sum(p["rewarded"] for p in view["peers"].values())
+    held = sum(a["balance"] for a in view["accounts"].values()) + sum(p["stake"] for p in view["peers"].values())
+    print(f"\nsettled rounds {view['rounds']}, slashed {slashed}, paid to agreeing peers {rewarded}, "
+          f"pool {view['pool']}, messages {view['messages']}")
+    supply_ok = held + view["pool"] + view["unclaimed"] == view["supply"]
+    print(f"supply {view['supply']}: balances + stakes + pool + unclaimed "
+          f"{'equal it' if supply_ok else 'DO NOT equal it'}")
     if agree:
         print(f"ledger roots: all {len(ledgers)} equal ({next(iter(roots))[:16]}…), "
               f"converged {waited:.2f}s after the last answer")

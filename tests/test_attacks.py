@@ -33,10 +33,12 @@ async def test_equivocator_is_slashed_once_on_every_node_with_the_same_evidence(
         ed = peers["ed"]
         assert ed["status"] == "ejected" and ed["reason"] == "equivocation", (name, ed)
         assert ed["stake"] == DEPOSIT - DEPOSIT * EQUIVOCATION_SLASH_BPS // BPS  # once, not per round
-        assert lg["burned"] == DEPOSIT * EQUIVOCATION_SLASH_BPS // BPS
         evidence.add(tuple(ed["equivocation"]))
-        for h in ("ada", "bo", "cy", "di"):
-            assert peers[h]["stake"] == DEPOSIT and peers[h]["status"] == "active"
+        honest = [peers[h] for h in ("ada", "bo", "cy", "di")]
+        for h in honest:
+            assert h["slashed"] == 0 and h["stake"] == DEPOSIT + h["rewarded"] and h["status"] == "active"
+        # what ed lost went to the peers that agreed, to the token (or waits in the pool)
+        assert sum(h["rewarded"] for h in honest) + lg["pool"] == DEPOSIT * EQUIVOCATION_SLASH_BPS // BPS
     assert len(evidence) == 1  # the same canonical evidence everywhere
     rid, first, second = evidence.pop()
     assert rid in {body["round"] for _, body, _ in answers}
@@ -67,7 +69,8 @@ async def test_colluding_minority_voting_the_same_wrong_class(make_cluster):
             assert peers[bad]["stake"] < DEPOSIT
             assert peers[bad]["weight"] < min(peers[h]["weight"] for h in HONEST)
         for h in HONEST:
-            assert peers[h]["stake"] == DEPOSIT, {n: (p["stake"], p["history"]) for n, p in peers.items()}
+            assert peers[h]["slashed"] == 0 and peers[h]["stake"] == DEPOSIT + peers[h]["rewarded"], \
+                {n: (p["stake"], p["history"]) for n, p in peers.items()}
 
 
 async def test_copycat_is_never_counted_nor_rewarded(make_cluster):

@@ -118,7 +118,7 @@ def test_any_order_duplicates_and_reads_give_the_same_root(msgs, data):
     assert deliver(lg, order + dups, reads) == []
     assert len(lg.held) == len({m.id for m in msgs})
     assert lg.root() == expected
-    assert sum(p.stake for p in lg.state.peers.values()) + lg.state.burned == 5 * L.DEPOSIT
+    assert sum(p.stake for p in lg.state.peers.values()) + lg.state.pool == 5 * L.DEPOSIT
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

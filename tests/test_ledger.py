@@ -34,7 +34,7 @@ def pid(net, i):
 def test_genesis_state_from_registrations(net):
     lg = with_members(net)
     st = lg.state
-    assert len(st.peers) == 5 and st.rounds == 0 and st.burned == 0
+    assert len(st.peers) == 5 and st.rounds == 0 and st.pool == 0
     for i in range(5):
         p = st.peers[pid(net, i)]
         assert (p.stake, p.weight, p.status) == (L.DEPOSIT, L.INITIAL_WEIGHT, L.STATUS_ACTIVE)
@@ -125,30 +125,36 @@ def test_inaccurate_peer_slashed_once_per_window(net):
     slash = L.DEPOSIT * L.INACCURACY_SLASH_BPS // L.BPS
     st = lg.state
     assert st.peers[bad].stake == L.DEPOSIT - slash
-    assert st.peers[bad].slashed == slash and st.burned == slash
+    assert st.peers[bad].slashed == slash and st.pool == 0
+    # paid to the four that agreed, by power (equal here): 25 each, added to their stake
+    honest = [p for k, p in st.peers.items() if k != bad]
+    assert [(p.rewarded, p.stake) for p in honest] == [(25, L.DEPOSIT + 25)] * 4
     assert st.peers[bad].history == ""
     for lam in range(L.ACCURACY_WINDOW + 1, 2 * L.ACCURACY_WINDOW):
         play(net, lg, [0, 0, 0, 0, 1], lam)
     assert lg.state.peers[bad].stake == L.DEPOSIT - slash  # next judgement after a full window
     for i in range(4):
-        assert lg.state.peers[pid(net, i)].stake == L.DEPOSIT
+        assert lg.state.peers[pid(net, i)].stake == L.DEPOSIT + 25
 
 
 def test_each_vote_is_judged_with_itself_so_a_colluding_pair_cannot_tie_the_honest(net):
     """Judged without its own vote, each of three honest members would face two honest votes
     and two colluding ones: a tie, which goes to the lower class, the colluders' here. Judged
-    with it (docs/ledger.md, "judged against its vouchers and itself"), the honest keep their
-    stake and the pair loses its own."""
+    with it (docs/ledger.md, "judged against its vouchers and itself"), the honest are never
+    slashed, and the pair's losses are paid to them."""
     lg = with_members(net)
     for lam in range(1, 2 * L.ACCURACY_WINDOW + 1):
         play(net, lg, [1, 1, 1, 0, 0], lam)
     st = lg.state
     for i in range(3):
         p = st.peers[pid(net, i)]
-        assert (p.stake, p.agreed, p.votes) == (L.DEPOSIT, 40, 40) and p.weight > 990_000
+        # 2 x 100 in the 20th round, a third each (2 left in the pool); then 2 x 90 + 2
+        assert (p.slashed, p.rewarded, p.agreed, p.votes) == (0, 66 + 60, 40, 40) and p.weight > 990_000
+        assert p.stake == L.DEPOSIT + 126
     for i in (3, 4):
         p = st.peers[pid(net, i)]
         assert (p.agreed, p.stake) == (0, L.DEPOSIT - 100 - 90)  # two failed windows: 10%, then 10%
+    assert st.pool == 2 and sum(p.stake for p in st.peers.values()) + st.pool == 5 * L.DEPOSIT
 
 
 def test_three_members_with_one_hostile_judge_the_honest_right(net):
@@ -156,7 +162,7 @@ def test_three_members_with_one_hostile_judge_the_honest_right(net):
     for lam in range(1, L.ACCURACY_WINDOW + 1):
         play(net, lg, [1, 1, 0], lam)
     st = lg.state
-    assert [st.peers[pid(net, i)].stake for i in range(3)] == [L.DEPOSIT, L.DEPOSIT, L.DEPOSIT - 100]
+    assert [st.peers[pid(net, i)].stake for i in range(3)] == [L.DEPOSIT + 50, L.DEPOSIT + 50, L.DEPOSIT - 100]
 
 
 def test_agreement_at_threshold_is_not_slashed(net):
@@ -211,7 +217,7 @@ def test_an_ejected_peer_is_still_slashed_for_equivocation(net):
     assert p.equivocation == (rid.hex(), *sorted([a.id.hex(), b.id.hex()]))
     assert p.stake == 480 - 480 * 5_000 // 10_000 == 240  # EQUIVOCATION_SLASH_BPS 5 000
     assert p.status == L.STATUS_EJECTED and p.reason == "equivocation"
-    assert sum(x.stake for x in lg.state.peers.values()) + lg.state.burned == 5 * L.DEPOSIT
+    assert sum(x.stake for x in lg.state.peers.values()) + lg.state.pool == 5 * L.DEPOSIT
 
 
 def test_absent_peer_is_not_slashed_and_keeps_weight(net):
@@ -246,7 +252,10 @@ def test_equivocation_slashed_once_with_canonical_evidence(net):
     lg.add(net.votes(4, 6, [(rid2, 0)]))
     lg.add(net.votes(4, 7, [(rid2, 1)]))
     assert lg.state.peers[pid(net, 4)].stake == p.stake
-    assert lg.state.burned == L.DEPOSIT * L.EQUIVOCATION_SLASH_BPS // L.BPS
+    # paid to the four that agreed on the round of the evidence, 125 each
+    assert lg.state.pool == 0
+    assert [p.rewarded for k, p in lg.state.peers.items() if k != pid(net, 4)] == \
+        [L.DEPOSIT * L.EQUIVOCATION_SLASH_BPS // L.BPS // 4] * 4
 
 
 def test_same_vote_in_two_messages_is_not_equivocation(net):
@@ -361,8 +370,8 @@ def test_every_unit_is_accounted_for(net):
     for lam in range(1, 200):
         play(net, lg, [0, 0, lam % 3, 1, (lam * 7) % 3], lam)
     st = lg.state
-    assert sum(p.stake for p in st.peers.values()) + st.burned == 5 * L.DEPOSIT
-    assert sum(p.slashed for p in st.peers.values()) == st.burned
+    assert sum(p.stake for p in st.peers.values()) + st.pool == 5 * L.DEPOSIT
+    assert sum(p.slashed for p in st.peers.values()) == sum(p.rewarded for p in st.peers.values()) + st.pool
 
 
 def test_root_is_hash_of_canonical_form(net):

@@ -100,7 +100,9 @@ def test_stakes_slashes_and_ejections_do_not_depend_on_the_order(msgs, data):
     assert lg.state.canonical() == ref.state.canonical()
     assert {m.id for m in refused} == {m.id for m in deliver(L.Ledger(NET.genesis), msgs)}
     state = lg.state
-    assert sum(p.stake for p in state.peers.values()) + state.burned == 5 * L.DEPOSIT  # conservation
+    assert sum(p.stake for p in state.peers.values()) + state.pool == 5 * L.DEPOSIT  # conservation
+    # every slashed unit was paid to a peer that agreed, or waits in the pool
+    assert sum(p.slashed for p in state.peers.values()) == sum(p.rewarded for p in state.peers.values()) + state.pool
     assert all(p.key != STRANGER.key for p in state.peers.values())
     assert next(p for p in state.peers.values() if p.name == "ed").key == NET.ids[4].key  # pinned
     REACH["examples"] += 1
@@ -216,7 +218,7 @@ def test_regression_stakes_and_card_chains_do_not_depend_on_the_order(msgs, data
     assert lg.root() == ref.root()
     assert lg.state.canonical() == ref.state.canonical()
     state = lg.state
-    assert sum(p.stake for p in state.peers.values()) + state.burned == 5 * L.DEPOSIT
+    assert sum(p.stake for p in state.peers.values()) + state.pool == 5 * L.DEPOSIT
     updates = [m for m in msgs if isinstance(m.body, L.Update)]
     for pid, chain in state.cards.items():
         cards = [c for _, c, _ in chain]

@@ -72,7 +72,7 @@ def test_ledger_vector(name, order):
     ledger, refused = fold(doc, raws)
     state = ledger.state.canonical()
     assert ledger.root() == doc["root"]
-    assert (state["rounds"], state["burned"]) == (doc["rounds"], doc["burned"])
+    assert (state["rounds"], state["pool"]) == (doc["rounds"], doc["pool"])
     peers = {p["name"]: {k: p[k] for k in doc["peers"][p["name"]]} for p in state["peers"].values()}
     assert peers == doc["peers"]
     assert refused == doc["refused"]

@@ -112,9 +112,9 @@ def write(name: str, sc: Scenario, about: str) -> None:
         "refused": refused,
         "root": ledger.root(),
         "rounds": state["rounds"],
-        "burned": state["burned"],
+        "pool": state["pool"],
         "peers": {p["name"]: {k: p[k] for k in ("stake", "weight", "status", "reason", "votes", "agreed",
-                                                 "slashed", "late", "unrevealed")}
+                                                 "slashed", "rewarded", "late", "unrevealed")}
                   for p in state["peers"].values()},
     }
     (HERE / f"{name}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -128,7 +128,8 @@ def ledgers() -> None:
     sc.rounds(0, 1, [[0, 0, 0, 0, 1]] * 150)
     write("accuracy_slash_and_ejection", sc,
           "five seats; ed votes against the other four on 150 rounds: slashed 10% per failed "
-          "20-vote window (900, 810, 729, 657, 592, 533, 480) and ejected below 500 at its 140th vote")
+          "20-vote window (900, 810, 729, 657, 592, 533, 480) and ejected below 500 at its 140th vote; "
+          "each slash paid to the four that agreed, by power")
     # di signs two different commits on one round: 50% slashed and ejected
     sc = Scenario(five)
     sc.register_all()
@@ -136,7 +137,7 @@ def ledgers() -> None:
     k = sc.ids[3].key
     sc.sign(3, Votes(10, (Commit(rids[0], commitment(k, rids[0], 0, one_hot(0), sc.ids[3].salt(rids[0]))),), ()))
     write("equivocation", sc, "five seats, three rounds; di signs a second, different commit on the first: "
-          "half its stake burned, ejected")
+          "half its stake slashed (paid to the peers that agree on a later round), ejected")
     # a pinned seat: a stranger's registration for it is refused, and its query is not held
     pinned = Genesis(tuple(Slot(NAMES[i], sc.ids[i].key if i == 0 else None) for i in range(3)))
     sc = Scenario(pinned)
