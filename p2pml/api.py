@@ -329,15 +329,21 @@ async def fetch(request: web.Request) -> web.Response:
     return web.Response(body=answer, content_type=MSGPACK)
 
 
-def _lookup(request: web.Request, what: str, size: int, find) -> web.Response:
-    """``GET /{what}/{id}``: the id is ``size`` bytes in hex; 404 if ``find`` knows nothing of it."""
-    text = request.match_info["id"]
+def _hex_id(request: web.Request, size: int, problem: str) -> bytes:
+    """The ``{id}`` of the path: ``size`` bytes in hex, else a 400 saying ``problem``."""
     try:
-        key = bytes.fromhex(text)
+        key = bytes.fromhex(request.match_info["id"])
     except ValueError:
         key = b""
     if len(key) != size:
-        raise BadInput(f"a {what} id is {2 * size} hex digits")
+        raise BadInput(problem)
+    return key
+
+
+def _lookup(request: web.Request, what: str, size: int, find) -> web.Response:
+    """``GET /{what}/{id}``: the id is ``size`` bytes in hex; 404 if ``find`` knows nothing of it."""
+    text = request.match_info["id"]
+    key = _hex_id(request, size, f"a {what} id is {2 * size} hex digits")
     found = find(key)
     if found is None:
         raise web.HTTPNotFound(text=f"no {what} {text}")
@@ -354,13 +360,7 @@ async def round_(request: web.Request) -> web.Response:
 
 async def account(request: web.Request) -> web.Response:
     """Any key has an account (most hold nothing): 400 only for what is not a key."""
-    text = request.match_info["id"]
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise BadInput("an account is an Ed25519 public key: 64 hex digits")
+    key = _hex_id(request, 32, "an account is an Ed25519 public key: 64 hex digits")
     return web.json_response(request.app[NODE].account_view(key))
 
 

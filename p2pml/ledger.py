@@ -796,15 +796,16 @@ class Ledger:
         return None
 
     def transfer_result(self, mid: bytes) -> tuple[bool, str | None] | None:
-        """For a held transfer: ``(True, why it is void)``, the reason None if it was applied;
-        None if it is not held here, or its place in the order was pruned."""
+        """For a held transfer: ``(applied, why it is void or None)``; None if it is not held
+        here, or its place in the order was pruned."""
         tid = mid[:16]
         msg = self._transfers.get(tid)
         if msg is None or msg.id != mid:
             return None
         pos = bisect.bisect_left(self._order, (msg.body.lamport, tid))
         self._settle(pos)
-        return True, self._transfer_results.get(tid)
+        reason = self._transfer_results.get(tid)
+        return reason is None, reason
 
     def author_of(self, mid: bytes) -> bytes | None:
         """The author of a held message (None if not held)."""

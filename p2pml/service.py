@@ -967,7 +967,7 @@ class Node:
         if isinstance(decoded, Transfer):  # what the ledger made of it
             result = self.ledger.transfer_result(mid)
             view.update(to=decoded.to.hex(), amount=decoded.amount, seq=decoded.seq, lamport=decoded.lamport,
-                        applied=None if result is None else result[1] is None,
+                        applied=None if result is None else result[0],
                         void=None if result is None else result[1])
         return view
 

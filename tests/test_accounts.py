@@ -69,8 +69,8 @@ def test_a_transfer_moves_the_amount_and_a_replay_or_overdraft_is_void():
     wrong_seq = send(ada, 4, 5, bo.key, 1)
     for m in (again, too_much, wrong_seq):
         assert lg.add(m) is None  # held: valid messages, void in the fold
-    assert lg.transfer_result(again.id) == (True, "sequence number 1 is not the next one (2)")
-    assert lg.transfer_result(too_much.id) == (True, "amount 7501 is more than the balance 7500")
+    assert lg.transfer_result(again.id) == (False, "sequence number 1 is not the next one (2)")
+    assert lg.transfer_result(too_much.id) == (False, "amount 7501 is more than the balance 7500")
     assert lg.transfer_result(wrong_seq.id)[1] == "sequence number 5 is not the next one (2)"
     assert lg.state.accounts[ada.key] == (7500, 1) and lg.state.void == 3 and lg.state.transfers == 1
     assert lg.add(first) is None and lg.state.transfers == 1  # the same message again: a duplicate
@@ -89,7 +89,7 @@ def test_transfers_apply_in_lamport_order_whatever_the_arrival():
     # with a lower lamport than the payment that covers it, it comes first and is void
     early = send(bo, 4, 1, cy.key, 12_000)
     lg = ledger_with(early, pay_bo)
-    assert lg.transfer_result(early.id) == (True, "amount 12000 is more than the balance 9000")
+    assert lg.transfer_result(early.id) == (False, "amount 12000 is more than the balance 9000")
 
 
 def test_a_key_nothing_funds_is_held_back_until_something_does():
@@ -237,7 +237,7 @@ def test_a_seat_that_changes_hands_takes_its_genesis_balance_with_it():
         NET.gid, L.Transfer(3, 1, NET.ids[1].key, 100)).msg
     assert lg.add(spend) is None and lg.transfer_result(spend.id) == (True, None)
     assert lg.add(winner) is None  # takes the seat: replayed from genesis
-    assert lg.transfer_result(spend.id) == (True, "amount 100 is more than the balance 0")
+    assert lg.transfer_result(spend.id) == (False, "amount 100 is more than the balance 0")
     assert lg.state.accounts[winner.author] == (9000, 0) and lg.state.total() == NET.genesis.supply
 
 
